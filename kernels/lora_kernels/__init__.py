@@ -1,0 +1,1 @@
+"""Triton Punica kernels and their torch reference."""
