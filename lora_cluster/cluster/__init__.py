@@ -1,0 +1,1 @@
+"""Ray shells: rank and controller actors, placement, the command stream, the client handle."""
