@@ -1,0 +1,324 @@
+"""Scheduler + block manager: admission, queueing, preemption, slot pins, stops, errors."""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+
+import pytest
+
+from lora_cluster.config import SamplingParams
+from lora_cluster.engine.block_manager import BlockManager
+from lora_cluster.engine.messages import AdapterKey, StepPlan
+from lora_cluster.engine.scheduler import Scheduler, SchedulerConfig
+from lora_cluster.engine.sequence import SeqStatus, Sequence
+from lora_cluster.errors import AdapterNotFoundError, RequestError
+
+VOCAB = 100
+
+
+class FakeSlots:
+    """LRU device slots with per-sequence pins, like the controller's tier."""
+
+    def __init__(self, num_slots: int, failing: tuple[str, ...] = ()) -> None:
+        self.num_slots = num_slots
+        self.resident: OrderedDict[AdapterKey, int] = OrderedDict()
+        self.pins: Counter[AdapterKey] = Counter()
+        self.failing = failing
+        self.loads: list[AdapterKey] = []
+
+    def acquire(self, adapter: AdapterKey) -> int | None:
+        if adapter[0] in self.failing:
+            raise AdapterNotFoundError(f"{adapter[0]}: source is gone")
+        if adapter not in self.resident:
+            used = set(self.resident.values())
+            free = [s for s in range(self.num_slots) if s not in used]
+            if not free:
+                victims = [k for k in self.resident if self.pins[k] == 0]
+                if not victims:
+                    return None
+                free = [self.resident.pop(victims[0])]
+            self.resident[adapter] = free[0]
+            self.loads.append(adapter)
+        self.resident.move_to_end(adapter)
+        self.pins[adapter] += 1
+        return self.resident[adapter]
+
+    def release(self, adapter: AdapterKey) -> None:
+        assert self.pins[adapter] > 0
+        self.pins[adapter] -= 1
+
+
+class FakeRanks:
+    """Mirrors block tables from plans like a rank does and 'samples' last token + 1."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.tables: dict[int, list[int]] = {}
+        self.owner: dict[int, int] = {}  # flat KV slot → seq_id that wrote it
+        self.fed: dict[int, list[int]] = {}
+
+    def run(self, plan: StepPlan) -> list[tuple[int, int]]:
+        for seq_id in plan.released:
+            self.tables.pop(seq_id, None)
+            self.fed.pop(seq_id, None)
+        out = []
+        for s in plan.seqs:
+            table = self.tables.get(s.seq_id, [])[: s.blocks_from] + list(s.new_blocks)
+            self.tables[s.seq_id] = table
+            assert len(table) * self.block_size >= s.context_len
+            fed = self.fed.setdefault(s.seq_id, [])
+            assert len(fed) == s.start_pos, "positions must continue the KV cache"
+            fed.extend(s.token_ids)
+            for i in range(s.start_pos, s.context_len):
+                self.owner[table[i // self.block_size] * self.block_size + i % self.block_size] = s.seq_id
+            if s.sample is not None:
+                out.append((s.seq_id, (s.token_ids[-1] + 1) % VOCAB))
+        # No two live sequences may share a block.
+        live = [b for t in self.tables.values() for b in t]
+        assert len(live) == len(set(live))
+        return out
+
+
+def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=64, limit=None, slots=2,
+         eos=(), watermark=0, failing=()):
+    cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget,
+                          context_limit=limit or num_blocks * block_size,
+                          eos_token_ids=eos, watermark_blocks=watermark)
+    fake_slots = FakeSlots(slots, failing)
+    return Scheduler(cfg, fake_slots), fake_slots, FakeRanks(block_size)
+
+
+_next_id = iter(range(10**9))
+
+
+def seq(prompt, max_tokens=4, adapter=None, **sampling):
+    return Sequence(seq_id=next(_next_id), prompt_ids=tuple(prompt),
+                    sampling=SamplingParams(max_tokens=max_tokens, **sampling), adapter=adapter)
+
+
+def run_to_end(sched, ranks, max_steps=500):
+    steps = []
+    for _ in range(max_steps):
+        step = sched.schedule()
+        if step is None:
+            if not sched.has_work():
+                return steps
+            raise AssertionError("scheduler stalled with work left")
+        steps.append(step)
+        sched.apply(step, ranks.run(step.plan))
+    raise AssertionError("did not finish")
+
+
+def expected_tokens(prompt, n):
+    out, last = [], prompt[-1]
+    for _ in range(n):
+        last = (last + 1) % VOCAB
+        out.append(last)
+    return out
+
+
+def test_block_manager_grow_and_free():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert bm.grow(1, 5) == [0, 1]
+    assert bm.grow(1, 8) == []
+    assert bm.extra_blocks(1, 9) == 1 and bm.can_grow(1, 16) and not bm.can_grow(1, 17)
+    assert bm.grow(2, 1) == [2]
+    assert bm.free(1) == 2 and bm.num_free == 3
+    with pytest.raises(RuntimeError):
+        bm.grow(3, 17)
+
+
+def test_prefill_then_decode_and_max_tokens():
+    sched, _, ranks = make()
+    s = seq([5, 6, 7], max_tokens=3)
+    sched.add(s)
+    steps = run_to_end(sched, ranks)
+    assert [len(st.plan.seqs[0].token_ids) for st in steps] == [3, 1, 1]
+    assert steps[1].plan.is_decode and not steps[0].plan.is_decode
+    assert s.output_ids == expected_tokens([7], 3) and s.finish_reason == "length"
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+
+
+def test_max_num_seqs_and_token_budget_chunk_prefill():
+    sched, _, ranks = make(max_num_seqs=2, budget=5)
+    a, b, c = seq(range(1, 8)), seq([1, 2]), seq([3])
+    for s in (a, b, c):
+        sched.add(s)
+    first = sched.schedule()
+    # a is chunked to the 5-token budget; b does not fit the budget left.
+    assert [(e[0].seq_id, e[1]) for e in first.entries] == [(a.seq_id, 5)]
+    assert first.plan.seqs[0].sample is None
+    sched.apply(first, ranks.run(first.plan))
+    second = sched.schedule()
+    # a finishes its prompt (2 tokens) and samples; b is admitted with the rest of the budget.
+    assert [(e[0].seq_id, e[1]) for e in second.entries] == [(a.seq_id, 2), (b.seq_id, 2)]
+    assert all(st.sample is not None for st in second.plan.seqs)
+    assert len(sched.running) == 2 and c in sched.waiting  # max_num_seqs
+    sched.apply(second, ranks.run(second.plan))
+    run_to_end(sched, ranks)
+    for s in (a, b, c):
+        assert s.output_ids == expected_tokens(s.prompt_ids, 4)
+
+
+def test_queue_when_blocks_short_then_admit():
+    sched, _, ranks = make(num_blocks=4, block_size=4)
+    a, b = seq(range(1, 9), max_tokens=4), seq(range(1, 9), max_tokens=4)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    # 8 + 8 tokens would fit 4 blocks exactly, but a's decode needs a third block: both run,
+    # and the newest is preempted by recompute when the blocks run out.
+    sched.apply(step, ranks.run(step.plan))
+    steps = run_to_end(sched, ranks)
+    assert any(b.seq_id in st.plan.released for st in steps)
+    assert b.num_preemptions >= 1 and a.num_preemptions == 0
+    assert a.output_ids == expected_tokens(a.prompt_ids, 4)
+    assert b.output_ids == expected_tokens(b.prompt_ids, 4)
+
+
+def test_fcfs_memory_queueing_blocks_later_small_requests():
+    sched, _, ranks = make(num_blocks=4, block_size=4, max_num_seqs=8)
+    big1, big2, small = seq(range(1, 13), max_tokens=2), seq(range(1, 9), 2), seq([1], 2)
+    for s in (big1, big2, small):
+        sched.add(s)
+    step = sched.schedule()
+    # big1 takes 3 blocks; big2 needs 2 → waits, and small may not jump the queue.
+    assert [e[0] for e in step.entries] == [big1]
+    assert list(sched.waiting) == [big2, small]
+    sched.apply(step, ranks.run(step.plan))
+    run_to_end(sched, ranks)
+    assert all(s.finish_reason == "length" for s in (big1, big2, small))
+
+
+def test_preemption_recomputes_prompt_and_outputs():
+    sched, _, ranks = make(num_blocks=3, block_size=4, max_num_seqs=4)
+    a, b = seq([1, 2, 3], max_tokens=6), seq([10, 11, 12], max_tokens=6)
+    sched.add(a)
+    sched.add(b)
+    steps = run_to_end(sched, ranks)
+    assert b.num_preemptions >= 1
+    resumed = [st for st in steps for s in st.plan.seqs if s.seq_id == b.seq_id and s.start_pos == 0]
+    assert len(resumed) == 1 + b.num_preemptions
+    # The recompute feeds prompt + outputs so far and continues the output index.
+    again = next(s for st in resumed[1:] for s in st.plan.seqs if s.seq_id == b.seq_id)
+    assert again.token_ids[:3] == (10, 11, 12) and len(again.token_ids) > 3
+    assert again.sample is not None and again.sample.index == len(again.token_ids) - 3
+    assert a.output_ids == expected_tokens(a.prompt_ids, 6)
+    assert b.output_ids == expected_tokens(b.prompt_ids, 6)
+
+
+def test_adapters_and_base_mix_in_one_step():
+    sched, slots, ranks = make(slots=2)
+    seqs = [seq([1, 2], adapter=("a", 1)), seq([3], adapter=None), seq([4, 5], adapter=("b", 1))]
+    for s in seqs:
+        sched.add(s)
+    step = sched.schedule()
+    assert sorted(s.slot for s in step.plan.seqs) == [-1, 0, 1]
+    assert slots.pins == Counter({("a", 1): 1, ("b", 1): 1})
+    sched.apply(step, ranks.run(step.plan))
+    run_to_end(sched, ranks)
+    assert +slots.pins == Counter()
+
+
+def test_adapter_waits_while_slots_pinned_base_passes():
+    sched, slots, ranks = make(slots=1)
+    a = seq([1, 2], max_tokens=3, adapter=("a", 1))
+    b = seq([3, 4], max_tokens=2, adapter=("b", 1))
+    a2 = seq([5], max_tokens=2, adapter=("a", 1))
+    base = seq([6], max_tokens=2)
+    for s in (a, b, a2, base):
+        sched.add(s)
+    step = sched.schedule()
+    # b waits for the pinned slot; a2 (resident adapter) must not overtake it; base passes.
+    assert {e[0].seq_id for e in step.entries} == {a.seq_id, base.seq_id}
+    assert list(sched.waiting) == [b, a2]
+    while a.status is not SeqStatus.FINISHED:
+        sched.apply(step, ranks.run(step.plan))
+        step = sched.schedule()
+    assert b in [e[0] for e in step.entries] and slots.resident == {("b", 1): 0}
+    sched.apply(step, ranks.run(step.plan))
+    run_to_end(sched, ranks)
+    for s in (a, b, a2, base):
+        assert s.output_ids == expected_tokens(s.prompt_ids, s.sampling.max_tokens)
+    assert slots.loads == [("a", 1), ("b", 1), ("a", 1)]
+
+
+def test_failed_adapter_fails_only_its_request():
+    sched, _, ranks = make(failing=("gone",))
+    bad, good = seq([1], adapter=("gone", 1)), seq([2], adapter=("ok", 1))
+    sched.add(bad)
+    sched.add(good)
+    step = sched.schedule()
+    assert [e[0] for e in step.entries] == [good]
+    events = sched.take_events()
+    assert [e.seq for e in events] == [bad]
+    assert bad.finish_reason == "abort" and isinstance(bad.error, AdapterNotFoundError)
+    sched.apply(step, ranks.run(step.plan))
+    run_to_end(sched, ranks)
+    assert good.output_ids == expected_tokens([2], 4)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "eos", "limit", "want_len", "reason"),
+    [
+        ({"max_tokens": 10}, (4,), None, 2, "stop"),  # 2 → 3 → 4 (eos)
+        ({"max_tokens": 10, "ignore_eos": True}, (4,), None, 10, "length"),
+        ({"max_tokens": 10, "stop_token_ids": (5,)}, (), None, 3, "stop"),
+        ({"max_tokens": 10, "ignore_eos": True, "stop_token_ids": (5,)}, (4,), None, 3, "stop"),
+        ({"max_tokens": 10}, (), 6, 4, "length"),  # 2 prompt + 4 outputs == context limit
+    ],
+)
+def test_stop_conditions(sampling, eos, limit, want_len, reason):
+    sched, _, ranks = make(eos=eos, limit=limit)
+    s = Sequence(seq_id=1, prompt_ids=(1, 2), sampling=SamplingParams(**sampling))
+    sched.add(s)
+    run_to_end(sched, ranks)
+    assert len(s.output_ids) == want_len and s.finish_reason == reason
+    assert s.output_ids[-1] in s.stop_ids or reason == "length"
+
+
+def test_prompt_errors():
+    sched, _, _ = make(num_blocks=4, block_size=4)
+    with pytest.raises(RequestError, match="exceed the context limit"):
+        sched.add(seq(range(16)))  # generation needs room for one more token
+    sched.add(Sequence(seq_id=99, prompt_ids=tuple(range(16)), sampling=SamplingParams(), score=True))
+    with pytest.raises(RequestError, match="at least one token"):
+        sched.check(0, score=False)
+
+
+def test_score_sequence_keeps_then_emits_logits():
+    sched, _, ranks = make(budget=4)
+    s = Sequence(seq_id=7, prompt_ids=tuple(range(1, 11)), sampling=SamplingParams(), score=True)
+    sched.add(s)
+    modes = []
+    for _ in range(5):
+        step = sched.schedule()
+        if step is None:
+            break
+        modes.append([st.logits for st in step.plan.seqs])
+        ranks.run(step.plan)
+        emitted = [(7, "payload")] if modes[-1] == ["emit"] else []
+        sched.apply(step, [], emitted)
+    assert modes == [["keep"], ["keep"], ["emit"]]
+    assert s.logits == "payload" and s.finish_reason == "stop" and not sched.has_work()
+
+
+def test_abort_and_preempt_all_release_everything():
+    sched, slots, ranks = make()
+    a, b = seq([1, 2], max_tokens=8, adapter=("a", 1)), seq([3], max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    sched.apply(step, ranks.run(step.plan))
+    sched.abort(a)
+    assert a.finish_reason == "abort" and slots.pins[("a", 1)] == 0
+    step = sched.schedule()
+    assert a.seq_id in step.plan.released
+    sched.apply(step, ranks.run(step.plan))
+    sched.preempt_all()
+    assert not sched.running and list(sched.waiting) == [b]
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+    ranks = FakeRanks(4)  # a rebuilt group starts empty
+    run_to_end(sched, ranks)
+    assert b.output_ids == expected_tokens([3], 8)
