@@ -15,11 +15,17 @@ import torch
 class LoRAMeta:
     """Row → weight-entry map of one step, plus the sorted view Triton kernels launch over.
 
-    indices:      [M] int32  weight entry of each row; -1 = no adapter (row gets no delta)
-    sorted_rows:  [M] int32  row ids ordered by entry, the -1 rows last
-    seg_counts:   [W] int32  rows per entry
-    seg_starts:   [W] int32  offset of each entry's first row inside ``sorted_rows``
-    num_weights:  W (python int, fixed by the buffer shape, never read back from the device)
+    indices:        [M] int32  weight entry of each row; -1 = no adapter (row gets no delta)
+    sorted_rows:    [M] int32  row ids ordered by entry, the -1 rows last
+    seg_counts:     [W] int32  rows per entry
+    seg_starts:     [W] int32  offset of each entry's first row inside ``sorted_rows``
+    active_entries: [W] int32  entries that have rows, ascending, then -1 padding
+    num_active:     [1] int32  how many entries have rows (a device scalar: never read back)
+    num_weights:    W (python int, fixed by the buffer shape, never read back from the device)
+
+    Kernels launch a grid bounded by ``cdiv(M, BM) + min(W, M)`` row tiles (a static bound,
+    so a captured CUDA graph stays valid for any assignment) and find their entry from
+    ``seg_counts`` on the device; programs past the live tiles return at once.
     """
 
     indices: torch.Tensor
@@ -27,6 +33,8 @@ class LoRAMeta:
     seg_counts: torch.Tensor
     seg_starts: torch.Tensor
     num_weights: int
+    active_entries: torch.Tensor | None = None
+    num_active: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -43,4 +51,13 @@ def build_lora_meta(indices: torch.Tensor, num_weights: int) -> LoRAMeta:
     counts.scatter_add_(0, key.long(), torch.ones_like(key))
     seg_counts = counts[:num_weights].contiguous()
     seg_starts = (torch.cumsum(seg_counts, 0, dtype=torch.int32) - seg_counts).contiguous()
-    return LoRAMeta(idx, sorted_rows, seg_counts, seg_starts, num_weights)
+    live = seg_counts > 0
+    entry_ids = torch.arange(num_weights, dtype=torch.int32, device=idx.device)
+    # Live entries keep their order and move first; dead ones become -1 at the end.
+    order = torch.argsort((~live).to(torch.int8), stable=True)
+    active_entries = torch.where(live, entry_ids, torch.full_like(entry_ids, -1))[order]
+    num_active = live.sum(dtype=torch.int32).reshape(1)
+    return LoRAMeta(
+        idx, sorted_rows, seg_counts, seg_starts, num_weights,
+        active_entries.to(torch.int32).contiguous(), num_active,
+    )

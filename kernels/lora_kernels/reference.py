@@ -167,7 +167,7 @@ class MoELoRA:
     a13 [2, S·E, R, H] (gate, up), b13 [S·E, 2I, R], a2 [1, S·E, R, I], b2 [S·E, H, R].
     """
 
-    __slots__ = ("a13", "a2", "b13", "b2")
+    __slots__ = ("a2", "a13", "b2", "b13")
 
     def __init__(self, a13: torch.Tensor, b13: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor):
         self.a13, self.b13, self.a2, self.b2 = a13, b13, a2, b2
