@@ -7,20 +7,11 @@ from pathlib import Path
 
 from lora_cluster.cli_format import format_table, print_json, progress
 
-PROMPTS = (
-    "the quick brown fox",
-    "serving many adapters",
-    "a mixture of experts",
-    "tensor and expert parallel",
-    "hello world",
-)
-
-
 def run_demo(*, cache_dir: Path, device: str = "cpu", as_json: bool = False,
              max_tokens: int = 12) -> int:
     """Write (or reuse) the demo assets, serve one batch mixing every adapter and the base."""
     from lora_cluster import Cluster, ClusterConfig, SamplingParams
-    from lora_cluster.testing import demo_assets
+    from lora_cluster.testing import DEMO_PROMPTS, demo_assets
 
     show = not as_json
     with progress(f"writing tiny MoE model and adapters to {cache_dir}", show):
@@ -36,7 +27,7 @@ def run_demo(*, cache_dir: Path, device: str = "cpu", as_json: bool = False,
             with progress(f"loading adapter {name!r}", show):
                 cluster.load_adapter(name, str(path))
         batch_adapters: list[str | None] = [*names, None]
-        prompts = list(PROMPTS[: len(batch_adapters)])
+        prompts = list(DEMO_PROMPTS[: len(batch_adapters)])
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         start = time.perf_counter()
         with progress(f"generating a batch of {len(prompts)} prompts mixing "
