@@ -1,0 +1,199 @@
+"""Triton LoRA kernels against the reference and float64 einsums on small shapes.
+
+Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
+the kernel modules are decorated, so it is set here before anything imports them (ops
+imports them lazily) and ``_interpreted`` reloads them if something did earlier. With a GPU
+the same tests run the compiled kernels. Outputs are poisoned (NaN) where the op must
+write every element; add-in-place ops must leave untouched rows bit-identical.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from lora_kernels import config as cfg  # noqa: E402
+from lora_kernels import ops, reference, testing  # noqa: E402
+from lora_kernels.meta import build_lora_meta  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+SLICES = {1: (0, 40), 2: (0, 24, 56), 3: (0, 32, 48, 56)}
+VARIANTS = {
+    "fused": (8, cfg.FusedConfig(bm=16, bk=32, bn=16, col_splits=2)),
+    "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=2)),
+    "auto": (16, None),
+}
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe", "linear", "embedding", "moe")
+
+
+def _interpreted() -> None:
+    if ON_GPU:
+        return
+    from lora_kernels import triton_linear
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton_linear.fused_lora_kernel, InterpretedFunction):
+        for name in _KERNEL_MODULES:
+            module = sys.modules.get(f"lora_kernels.{name}")
+            if module is not None:
+                importlib.reload(module)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend() -> Iterator[None]:
+    _interpreted()
+    with ops.use_backend("triton"):
+        yield
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double().cpu() - want.cpu()).norm() / want.cpu().norm().clamp_min(1e-30))
+
+
+def _rand(gen: torch.Generator, *shape: int, scale: float = 1.0,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("n_slices", [1, 2, 3])
+@pytest.mark.parametrize("popularity", testing.POPULARITIES)
+def test_lora_linear(popularity: str, n_slices: int, variant: str, dtype: torch.dtype) -> None:
+    from lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(7 * n_slices + len(popularity))
+    rank, config = VARIANTS[variant]
+    offs = SLICES[n_slices]
+    m, k, w = 37, 72, 6
+    idx = testing.entry_indices(m, w, popularity, gen, none_frac=0.2).to(DEVICE)
+    x = _rand(gen, m, k, dtype=dtype)
+    a = _rand(gen, n_slices, w, rank, k, scale=0.15, dtype=dtype)
+    b = _rand(gen, w, offs[-1], rank, scale=0.3, dtype=dtype)
+    out0 = _rand(gen, m, offs[-1], dtype=dtype)
+    out = out0.clone()
+    meta = build_lora_meta(idx, w)
+    workspace = torch.full((16384,), float("nan"), device=DEVICE)
+    linear.lora_linear(out, x, a, b, meta, offs, config=config, workspace=workspace)
+    delta = testing.oracle_linear(x.cpu(), a.cpu(), b.cpu(), idx.cpu(), offs)
+    assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+    assert torch.equal(out[idx < 0], out0[idx < 0])
+    ref = out0.float().clone()
+    reference.lora_linear(ref, x.float(), a.float(), b.float(), idx, offs)
+    assert _rel(out.double() - out0.double(), ref.double() - out0.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity", ["distinct", "zipf"])
+def test_ops_add_lora_and_shrink_expand(popularity: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    offs = SLICES[3]
+    m, k, r, w = 21, 64, 16, 5
+    idx = testing.entry_indices(m, w, popularity, gen, none_frac=0.3).to(DEVICE)
+    x = _rand(gen, m, k, dtype=dtype)
+    a = _rand(gen, 3, w, r, k, scale=0.15, dtype=dtype)
+    b = _rand(gen, w, offs[-1], r, scale=0.3, dtype=dtype)
+    meta = build_lora_meta(idx, w)
+    delta = testing.oracle_linear(x.cpu(), a.cpu(), b.cpu(), idx.cpu(), offs)
+    out0 = _rand(gen, m, offs[-1], dtype=dtype)
+    out = out0.clone()
+    ops.add_lora(out, x, a, b, meta, offs)
+    assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+    assert torch.equal(out[idx < 0], out0[idx < 0])
+    y = ops.lora_shrink(x, a, meta)  # fresh output: every element, -1 rows included
+    assert y.dtype == torch.float32 and bool(torch.isfinite(y).all())
+    assert _rel(y, testing.oracle_shrink(x.cpu(), a.cpu(), idx.cpu())) < TOL[dtype]
+    from lora_kernels import linear
+
+    poisoned = torch.full_like(y, float("nan"))
+    linear.lora_shrink(x, a, meta, out=poisoned)
+    assert bool(torch.isfinite(poisoned).all())
+    out = out0.clone()
+    ops.lora_expand(out, y, b, meta, offs)
+    assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+    assert torch.equal(out[idx < 0], out0[idx < 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity", ["identical", "uniform", "skewed"])
+def test_lora_embedding(popularity: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(9)
+    m, v, h, r, w = 45, 50, 40, 8, 4
+    idx = testing.entry_indices(m, w, popularity, gen, none_frac=0.2).to(DEVICE)
+    tok = torch.randint(-4, v + 4, (m,), generator=gen).to(DEVICE)
+    a, b = _rand(gen, w, v, r, dtype=dtype), _rand(gen, w, h, r, scale=0.3, dtype=dtype)
+    out0 = _rand(gen, m, h, dtype=dtype)
+    out = out0.clone()
+    ops.add_lora_embedding(out, tok, a, b, build_lora_meta(idx, w))
+    delta = testing.oracle_embedding(tok.cpu(), a.cpu(), b.cpu(), idx.cpu())
+    assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+    untouched = (idx < 0) | (tok < 0) | (tok >= v)
+    assert torch.equal(out[untouched], out0[untouched])
+
+
+def _moe_case(gen: torch.Generator, dtype: torch.dtype, skew: str, popularity: str,
+              t: int = 19, rank: int = 8) -> tuple:
+    h, inter, e_global, k, s = 32, 24, 8, 3, 3
+    expert_map = torch.tensor([0, -1, 1, -1, 2, 3, -1, -1], device=DEVICE)
+    e = 4
+    ids, wts = testing.routing(t, k, e_global, skew, gen)
+    x = _rand(gen, t, h, dtype=dtype)
+    w13 = _rand(gen, e, 2 * inter, h, scale=0.2, dtype=dtype)
+    w2 = _rand(gen, e, h, inter, scale=0.2, dtype=dtype)
+    lora = tuple(_rand(gen, *shape, scale=0.2, dtype=dtype) for shape in
+                 ((2, s * e, rank, h), (s * e, 2 * inter, rank), (1, s * e, rank, inter),
+                  (s * e, h, rank)))
+    slots = testing.entry_indices(t, s, popularity, gen, none_frac=0.25).to(DEVICE)
+    return x, wts.to(DEVICE), ids.to(DEVICE), w13, w2, expert_map, lora, slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity", ["identical", "uniform", "skewed"])
+@pytest.mark.parametrize("skew", testing.ROUTINGS)
+def test_fused_moe(skew: str, popularity: str, dtype: torch.dtype) -> None:
+    from lora_kernels import moe
+
+    gen = torch.Generator().manual_seed(len(skew) + 3 * len(popularity))
+    x, wts, ids, w13, w2, emap, lora, slots = _moe_case(gen, dtype, skew, popularity)
+    out = torch.full_like(x, float("nan"))
+    got = moe.fused_moe(x, wts, ids, w13, w2, emap, reference.MoELoRA(*lora), slots, out=out)
+    assert got is out and bool(torch.isfinite(out).all())
+    cpu = [t.cpu() for t in (x, wts, ids, w13, w2, emap)]
+    want = testing.oracle_moe(*cpu, tuple(t.cpu() for t in lora), slots.cpu())
+    assert _rel(out, want) < TOL[dtype]
+    lf = reference.MoELoRA(*(t.float() for t in lora))
+    ref = reference.fused_moe(x.float(), wts, ids, w13.float(), w2.float(), emap, lf, slots)
+    assert _rel(out, ref.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_moe_without_lora(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, wts, ids, w13, w2, emap, _, _ = _moe_case(gen, dtype, "uniform", "uniform", t=23)
+    got = ops.fused_moe(x, wts, ids, w13, w2, emap)
+    cpu = [t.cpu() for t in (x, wts, ids, w13, w2, emap)]
+    assert _rel(got, testing.oracle_moe(*cpu, None, None)) < TOL[dtype]
+    # Tokens whose experts are all remote get exact zeros.
+    remote = (emap[ids] < 0).all(dim=1)
+    assert bool((got[remote] == 0).all())
+
+
+def test_moe_all_rows_without_adapter() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, wts, ids, w13, w2, emap, lora, slots = _moe_case(gen, torch.float32, "uniform", "uniform")
+    got = ops.fused_moe(x, wts, ids, w13, w2, emap, reference.MoELoRA(*lora),
+                        torch.full_like(slots, -1))
+    base = ops.fused_moe(x, wts, ids, w13, w2, emap)
+    assert torch.allclose(got, base, rtol=1e-6, atol=1e-6)
