@@ -19,6 +19,7 @@ from lora_cluster.testing.checkpoint import (
     read_fixture_record,
     write_tiny_model,
 )
+from lora_cluster.testing.demo import DEMO_ADAPTERS, DEMO_PROMPTS, demo_assets
 from lora_cluster.testing.faults import FAULTS, FILE_FAULTS, LOGICAL_FAULTS
 from lora_cluster.testing.hf_config import generation_config, hf_config
 from lora_cluster.testing.peft_format import pack_fused, unpack_fused
@@ -37,6 +38,8 @@ from lora_cluster.testing.tokenizer import build_tokenizer, write_tokenizer
 
 __all__ = [
     "BOS_ID",
+    "DEMO_ADAPTERS",
+    "DEMO_PROMPTS",
     "EOS_ID",
     "FAMILIES",
     "FAULTS",
@@ -52,6 +55,7 @@ __all__ = [
     "TinyModelSpec",
     "build_adapter",
     "build_tokenizer",
+    "demo_assets",
     "generation_config",
     "get_spec",
     "hf_config",
