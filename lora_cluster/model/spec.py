@@ -17,7 +17,9 @@ Family = Literal["qwen3_moe", "qwen2_moe", "mixtral", "llama", "qwen3", "qwen2",
 SUPPORTED_FAMILIES: tuple[str, ...] = (
     "qwen3_moe", "qwen2_moe", "mixtral", "llama", "qwen3", "qwen2", "mistral",
 )
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# "dynamic" (NTK) is refused: transformers recomputes its frequencies from the longest
+# position of whatever batch runs, so a sequence's logits would depend on its batch-mates.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # Canonical LoRA target kinds. Per-layer kinds are keyed (layer, kind); model-wide ones
 # (embed_tokens, lm_head) are keyed (None, kind).
@@ -46,6 +48,7 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     partial_rotary_factor: float = 1.0
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +68,10 @@ class ModelSpec:
     rope: RopeSpec
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama/Qwen3 ``attention_bias`` also puts a bias on o_proj
+    mlp_bias: bool = False  # Llama ``mlp_bias``: gate/up/down biases of dense MLPs
     qk_norm: bool = False
+    sliding_window: int | None = None  # keys older than this many positions are masked
     # MoE (num_experts == 0: dense model)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -142,32 +148,64 @@ def _get(cfg: dict[str, Any], key: str, path: str, default: Any = ...) -> Any:
     return default
 
 
-def _rope_spec(cfg: dict[str, Any], path: str, default_theta: float) -> RopeSpec:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+def _flat_rope_params(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    # transformers lets a legacy ``rope_scaling`` win over ``rope_parameters``.
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(params, dict):
-        raise ModelLoadError(f"{path}: rope_parameters must be an object", file=path)
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        raise ModelLoadError(f"{path}: rope_parameters must be an object", file=path,
+                             key="rope_parameters")
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    if nested:  # per-layer-type parameters: serve them only when every layer agrees
+        if any(v != nested[0] for v in nested[1:]):
+            raise ModelLoadError(f"{path}: per-layer-type rope_parameters differ; not supported",
+                                 file=path, key="rope_parameters")
+        params = nested[0]
+    return dict(params)
+
+
+def _rope_spec(cfg: dict[str, Any], path: str, default_theta: float) -> RopeSpec:
+    """RoPE parameters resolved the way transformers 5.x standardizes ``rope_parameters``."""
+    params = _flat_rope_params(cfg, path)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in ROPE_TYPES:
         raise ModelLoadError(
             f"{path}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})",
             file=path, key="rope_parameters.rope_type",
         )
-    theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
+    theta = params.get("rope_theta") or cfg.get("rope_theta") or default_theta
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    partial = 1.0 if partial is None else float(partial)
+    if rope_type == "default":
+        # The default init of these families rotates the whole head whatever the factor says.
+        return RopeSpec(theta=float(theta), rope_type="default")
+    if partial != 1.0:
+        raise ModelLoadError(
+            f"{path}: partial_rotary_factor={partial} with rope type {rope_type!r} is not "
+            "supported by this model family", file=path, key="rope_parameters.partial_rotary_factor",
+        )
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "yarn": ("factor",)}[rope_type]
+    for key in required:
+        if params.get(key) is None:
+            raise ModelLoadError(f"{path}: rope type {rope_type!r} needs rope_parameters.{key}",
+                                 file=path, key=f"rope_parameters.{key}")
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    # A top-level original_max_position_embeddings (Phi-3 style) overrides the nested one.
+    original = cfg.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings") or max_pos
     return RopeSpec(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0) or 1.0),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=params.get("original_max_position_embeddings"),
-        beta_fast=float(params.get("beta_fast", 32.0)),
-        beta_slow=float(params.get("beta_slow", 1.0)),
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor") or 1.0),
+        high_freq_factor=float(params.get("high_freq_factor") or 4.0),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
-        partial_rotary_factor=float(
-            params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        ),
+        truncate=bool(params.get("truncate", True)),
     )
 
 
@@ -179,6 +217,40 @@ def _sparse_layers(cfg: dict[str, Any], num_layers: int, num_experts: int) -> tu
     return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
 
 
+def _num_experts(cfg: dict[str, Any], path: str) -> int:
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (an attribute alias).
+    for key in ("num_experts", "num_local_experts"):
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise ModelLoadError(f"{path}: missing required field 'num_experts'", file=path,
+                         key="num_experts")
+
+
+def _biases(cfg: dict[str, Any], family: str) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, dense-MLP bias) as each family's modeling code wires them."""
+    if family == "qwen2":
+        return True, False, False
+    if family == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True)), False, False
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        attn = bool(cfg.get("attention_bias", False))
+        return attn, attn, family == "llama" and bool(cfg.get("mlp_bias", False))
+    return False, False, False  # mistral, mixtral
+
+
+def _sliding_window(cfg: dict[str, Any], family: str, path: str) -> int | None:
+    if cfg.get("use_sliding_window"):
+        raise ModelLoadError(f"{path}: sliding-window attention is not supported", file=path,
+                             key="use_sliding_window")
+    if family == "mistral":  # MistralConfig defaults to a 4096-token window when the key is absent
+        window = cfg.get("sliding_window", 4096)
+    elif family == "mixtral":
+        window = cfg.get("sliding_window")
+    else:  # the Qwen families only slide with use_sliding_window; Llama never does
+        window = None
+    return int(window) if window else None
+
+
 def spec_from_hf_config(cfg: dict[str, Any], path: str = "config.json") -> ModelSpec:
     """Map an HF config dict onto a ModelSpec; unsupported families raise ModelLoadError."""
     family = cfg.get("model_type")
@@ -187,25 +259,33 @@ def spec_from_hf_config(cfg: dict[str, Any], path: str = "config.json") -> Model
             f"{path}: model_type {family!r} is not supported (supported: {SUPPORTED_FAMILIES})",
             file=path, key="model_type",
         )
-    if cfg.get("use_sliding_window"):
-        raise ModelLoadError(f"{path}: sliding-window attention is not supported", file=path,
-                             key="use_sliding_window")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelLoadError(f"{path}: hidden_act {act!r} is not supported (only silu)",
+                             file=path, key="hidden_act")
+    window = _sliding_window(cfg, family, path)
     hidden = int(_get(cfg, "hidden_size", path))
     heads = int(_get(cfg, "num_attention_heads", path))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    # Qwen3Config defaults head_dim to 128; the others derive it from the hidden size.
+    head_dim = int(cfg.get("head_dim") or (128 if family == "qwen3" else hidden // heads))
     layers = int(_get(cfg, "num_hidden_layers", path))
     if family == "mixtral":
-        num_experts = int(_get(cfg, "num_local_experts", path))
+        num_experts = _num_experts(cfg, path)
         moe_inter = int(_get(cfg, "intermediate_size", path))
     elif family in ("qwen3_moe", "qwen2_moe"):
-        num_experts = int(_get(cfg, "num_experts", path))
+        num_experts = _num_experts(cfg, path)
         moe_inter = int(_get(cfg, "moe_intermediate_size", path))
     else:
         num_experts, moe_inter = 0, 0
+    if num_experts and not 0 < int(cfg.get("num_experts_per_tok") or 0) <= num_experts:
+        raise ModelLoadError(f"{path}: num_experts_per_tok must be in [1, {num_experts}]",
+                             file=path, key="num_experts_per_tok")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    default_theta = 1_000_000.0 if family in ("mixtral", "qwen3_moe", "qwen3") else 10_000.0
+    # Only MixtralConfig overrides transformers' default rope_theta of 10000.
+    default_theta = 1_000_000.0 if family == "mixtral" else 10_000.0
+    qkv_bias, o_bias, mlp_bias = _biases(cfg, family)
     return ModelSpec(
         family=family,
         vocab_size=int(_get(cfg, "vocab_size", path)),
@@ -219,8 +299,11 @@ def spec_from_hf_config(cfg: dict[str, Any], path: str = "config.json") -> Model
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rope=_rope_spec(cfg, path, default_theta),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family in ("qwen2_moe", "qwen2") or bool(cfg.get("attention_bias", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
         qk_norm=family in ("qwen3_moe", "qwen3"),
+        sliding_window=window,
         num_experts=num_experts,
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
         moe_intermediate_size=moe_inter,

@@ -1,0 +1,1 @@
+"""TP/EP-aware layers with their own weight loaders and LoRA slots."""
