@@ -32,7 +32,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 SLICES = {1: (0, 40), 2: (0, 24, 56), 3: (0, 32, 48, 56)}
 VARIANTS = {
     "fused": (8, cfg.FusedConfig(bm=16, bk=32, bn=16, col_splits=2)),
-    "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=2)),
+    "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=4, bn=16, col_splits=2)),
     "auto": (16, None),
 }
 _KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe", "linear", "embedding", "moe")

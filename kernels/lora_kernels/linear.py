@@ -80,7 +80,9 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
     if config is None:
         config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
     if isinstance(config, cfg.SplitConfig):
-        y = _split_workspace(workspace, config.split_k, n, m, rank, x.device)
+        # The partial count is the number of K programs, which may be below split_k.
+        _, k_progs = _k_chunks(k, config.split_k, config.bk)
+        y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
         _launch_shrink(x, lora_a, meta, y, config.bm, config.bk, config.split_k,
                        config.shrink_warps, config.stages, zero_unassigned=False)
         _launch_expand(out, y, lora_b, meta, slice_offsets, config.bm, config.bn,
@@ -98,6 +100,11 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
         DOT_PREC=cfg.dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages,
     )
+
+
+def _k_chunks(k: int, split_k: int, bk: int) -> tuple[int, int]:
+    per = cfg.round_up(cfg.cdiv(k, split_k), bk)
+    return per, cfg.cdiv(k, per)
 
 
 def _split_workspace(workspace: torch.Tensor | None, split_k: int, n: int, m: int, rank: int,
@@ -159,8 +166,8 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: tor
                    y_by_pos: bool = False) -> None:
     n, w_count, rank, k = lora_a.shape
     m = y.shape[2]
-    per = cfg.round_up(cfg.cdiv(k, split_k), bk)
-    k_progs = -(-k // per)
+    per, k_progs = _k_chunks(k, split_k, bk)
+    assert k_progs == y.shape[0], "one float32 partial per K program"
     entries = w_count + 1 if zero_unassigned else w_count
     grid = (cfg.tile_bound(m, entries, bm), k_progs)
     shrink_kernel[grid](
@@ -169,7 +176,7 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: tor
         k, rank, n, per, row_div,
         x.stride(0), x.stride(1), *lora_a.stride(), y.stride(0), y.stride(1), y.stride(2),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(entries),
-        BM=bm, BK=bk, EVEN_K=k % per == 0 and per % bk == 0, ZERO_UNASSIGNED=zero_unassigned,
+        BM=bm, BK=bk, EVEN_K=k % per == 0, ZERO_UNASSIGNED=zero_unassigned,
         X_BY_POS=x_by_pos, Y_BY_POS=y_by_pos, DOT_PREC=cfg.dot_precision(x.dtype),
         num_warps=warps, num_stages=stages,
     )

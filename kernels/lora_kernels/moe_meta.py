@@ -42,7 +42,7 @@ def build_moe_routing(topk_ids: torch.Tensor, expert_map: torch.Tensor, num_loca
     groups = num_slots + 1 if has_lora else 1
     if has_lora:
         assert row_slots is not None
-        slot = row_slots.to(torch.int32).repeat_interleave(top_k)
+        slot = row_slots.to(torch.int32)[:, None].expand(-1, top_k).reshape(-1)
         slot = torch.where(local >= 0, slot, torch.full_like(slot, -1))
         key = torch.where(local >= 0, local * groups + slot + 1,
                           torch.full_like(local, num_local * groups))
