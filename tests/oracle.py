@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import tempfile
+import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -142,8 +143,10 @@ def _check_loaded(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
     state = model.state_dict()
     missing, wrong = [], []
     for key, t in tensors.items():
-        loaded_key = re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", key)
+        loaded_key = re.sub(r"\.(lora_[AB])\.(weight|bias)$", r".\1.default.\2", key)
         loaded_key = re.sub(r"\.(lora_embedding_[AB])$", r".\1.default", loaded_key)
+        loaded_key = re.sub(r"\.lora_magnitude_vector$", ".lora_magnitude_vector.default.weight",
+                            loaded_key)
         got = state.get(loaded_key)
         if got is None:
             missing.append(key)
@@ -155,7 +158,8 @@ def _check_loaded(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
                           f"(e.g. {wrong[:3]})")
 
 
-def _load_base(model_dir: Path) -> torch.nn.Module:
+def load_base_model(model_dir: str | Path) -> torch.nn.Module:
+    """The base model alone: float32, eager attention and experts, eval mode (uncached)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -166,7 +170,7 @@ def _load_base(model_dir: Path) -> torch.nn.Module:
 
 
 def _load(model_dir: Path, adapter_dir: Path | None) -> torch.nn.Module:
-    model = _load_base(model_dir)
+    model = load_base_model(model_dir)
     if adapter_dir is None:
         return model
     from peft import PeftModel
@@ -176,7 +180,10 @@ def _load(model_dir: Path, adapter_dir: Path | None) -> torch.nn.Module:
         model.config, "num_experts", 0)
     cfg, tensors = _fuse_2d_experts(cfg, tensors, int(num_experts or 0))
     cfg = _exact_targets(cfg, tensors)
-    with tempfile.TemporaryDirectory(prefix="oracle-adapter-") as tmp, _no_peft_v5_conversion():
+    with tempfile.TemporaryDirectory(prefix="oracle-adapter-") as tmp, _no_peft_v5_conversion(), \
+            warnings.catch_warnings():
+        # PEFT checks fused-expert pattern keys against module names only, then applies them.
+        warnings.filterwarnings("ignore", message=".*pattern keys did not match any targeted")
         (Path(tmp) / "adapter_config.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(Path(tmp) / "adapter_model.safetensors"))
@@ -225,7 +232,8 @@ def oracle_greedy(model_dir: str | Path, adapter_dir: str | Path | None,
                   stop_at_eos: bool = True) -> list[int]:
     """Greedy new tokens (argmax each step, KV cache), ending with EOS if one was produced."""
     model = oracle_model(model_dir, adapter_dir)
-    eos = model.config.eos_token_id
+    config: Any = model.config
+    eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     out = model(input_ids=torch.tensor([list(prompt_ids)]), use_cache=True)
     new: list[int] = []

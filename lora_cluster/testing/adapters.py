@@ -210,8 +210,8 @@ def build_adapter(
     config = adapter_config(
         base_model=str(model) if not isinstance(model, TinyModelSpec) else spec.family,
         r=r, alpha=alpha, use_rslora=use_rslora, rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, target_modules=_target_modules(spec, chosen, fused) or None,
-        target_parameters=target_parameters or None,
+        alpha_pattern=alpha_pattern, target_modules=_target_modules(spec, chosen, fused),
+        target_parameters=sorted(target_parameters) or None,
     )
     tensors = {k: v.to(cast).contiguous() for k, v in sorted(tensors.items())}
     return AdapterFixture(config=config, tensors=tensors, modules=modules, spec=spec)

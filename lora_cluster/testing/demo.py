@@ -8,6 +8,7 @@ leaves a half-written directory that looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -72,5 +73,9 @@ def demo_assets(cache_dir: str | Path, *, seed: int = 0) -> tuple[Path, dict[str
     for name, options in DEMO_ADAPTERS.items():
         record = {"model": model_record, "options": options}
         adapters[name] = _ensure(root / "adapters" / name, record,
-                                 lambda d, o=options: write_adapter(d, model_dir, **o))
+                                 functools.partial(_write_demo_adapter, model_dir, options))
     return model_dir, adapters
+
+
+def _write_demo_adapter(model_dir: Path, options: dict[str, Any], out: Path) -> Path:
+    return write_adapter(out, model_dir, **options)

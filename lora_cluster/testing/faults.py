@@ -4,8 +4,8 @@ Logical faults change the config or tensors before saving; file faults damage th
 
     dora              use_dora: true + ``…lora_magnitude_vector [out]`` per module (as PEFT saves DoRA)
     bias              bias: "all", lora_bias: true + ``…lora_B.bias [out]`` per module
-    shape             the first module's lora_A has in-dim + 16 (does not fit the model)
-    rank_mismatch     the first module's lora_B has rank + 1 (A and B disagree)
+    shape             the first q_proj's lora_A (else the first lora_A) has in-dim + 16
+    rank_mismatch     the first q_proj's lora_B (else the first lora_B) has rank + 1
     unknown_module    extra ``model.layers.0.self_attn.qkv_proj`` tensors and target (no such module)
     layer_out_of_range  extra q_proj tensors for layer ``num_layers`` (past the last layer)
     wrong_peft_type   peft_type: "IA3"
@@ -34,7 +34,9 @@ FAULTS = LOGICAL_FAULTS + FILE_FAULTS
 
 
 def _first_lora_a(tensors: dict[str, torch.Tensor]) -> str:
-    return next(k for k in tensors if k.endswith("lora_A.weight"))
+    """The victim of shape faults: the first q_proj's lora_A if any, else the first lora_A."""
+    keys = [k for k in tensors if k.endswith("lora_A.weight")]
+    return next((k for k in keys if ".self_attn.q_proj." in k), keys[0])
 
 
 def _module_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
