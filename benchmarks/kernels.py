@@ -206,7 +206,7 @@ def sweep(procs: int) -> list[dict[str, Any]]:
         c = Case(*key)
         for config in sweep_candidates(key[2]):
             try:
-                us = _bench(c.ours(config), graph=True, rep=10)
+                us = _bench(c.ours(config), graph=True, rep=5)
             except Exception as exc:
                 print(f"skip {key} {config}: {exc}", flush=True)
                 continue
