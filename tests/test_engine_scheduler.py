@@ -25,10 +25,12 @@ class FakeSlots:
         self.pins: Counter[AdapterKey] = Counter()
         self.failing = failing
         self.loads: list[AdapterKey] = []
+        self.bound: Counter[AdapterKey] = Counter()
 
-    def acquire(self, adapter: AdapterKey) -> int | None:
-        if adapter[0] in self.failing:
-            raise AdapterNotFoundError(f"{adapter[0]}: source is gone")
+    def acquire(self, name: str, bound: AdapterKey | None) -> tuple[AdapterKey, int] | None:
+        adapter = bound or (name, 1)
+        if name in self.failing:
+            raise AdapterNotFoundError(f"{name}: source is gone")
         if adapter not in self.resident:
             used = set(self.resident.values())
             free = [s for s in range(self.num_slots) if s not in used]
@@ -41,11 +43,16 @@ class FakeSlots:
             self.loads.append(adapter)
         self.resident.move_to_end(adapter)
         self.pins[adapter] += 1
-        return self.resident[adapter]
+        self.bound[adapter] += 0 if bound else 1
+        return adapter, self.resident[adapter]
 
     def release(self, adapter: AdapterKey) -> None:
         assert self.pins[adapter] > 0
         self.pins[adapter] -= 1
+
+    def unbind(self, adapter: AdapterKey) -> None:
+        assert self.bound[adapter] > 0
+        self.bound[adapter] -= 1
 
 
 class FakeRanks:
@@ -94,7 +101,8 @@ _next_id = iter(range(10**9))
 
 def seq(prompt, max_tokens=4, adapter=None, **sampling):
     return Sequence(seq_id=next(_next_id), prompt_ids=tuple(prompt),
-                    sampling=SamplingParams(max_tokens=max_tokens, **sampling), adapter=adapter)
+                    sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+                    adapter_name=adapter)
 
 
 def run_to_end(sched, ranks, max_steps=500):
@@ -210,7 +218,7 @@ def test_preemption_recomputes_prompt_and_outputs():
 
 def test_adapters_and_base_mix_in_one_step():
     sched, slots, ranks = make(slots=2)
-    seqs = [seq([1, 2], adapter=("a", 1)), seq([3], adapter=None), seq([4, 5], adapter=("b", 1))]
+    seqs = [seq([1, 2], adapter="a"), seq([3], adapter=None), seq([4, 5], adapter="b")]
     for s in seqs:
         sched.add(s)
     step = sched.schedule()
@@ -218,14 +226,14 @@ def test_adapters_and_base_mix_in_one_step():
     assert slots.pins == Counter({("a", 1): 1, ("b", 1): 1})
     sched.apply(step, ranks.run(step.plan))
     run_to_end(sched, ranks)
-    assert +slots.pins == Counter()
+    assert +slots.pins == Counter() and +slots.bound == Counter()
 
 
 def test_adapter_waits_while_slots_pinned_base_passes():
     sched, slots, ranks = make(slots=1)
-    a = seq([1, 2], max_tokens=3, adapter=("a", 1))
-    b = seq([3, 4], max_tokens=2, adapter=("b", 1))
-    a2 = seq([5], max_tokens=2, adapter=("a", 1))
+    a = seq([1, 2], max_tokens=3, adapter="a")
+    b = seq([3, 4], max_tokens=2, adapter="b")
+    a2 = seq([5], max_tokens=2, adapter="a")
     base = seq([6], max_tokens=2)
     for s in (a, b, a2, base):
         sched.add(s)
@@ -246,7 +254,7 @@ def test_adapter_waits_while_slots_pinned_base_passes():
 
 def test_failed_adapter_fails_only_its_request():
     sched, _, ranks = make(failing=("gone",))
-    bad, good = seq([1], adapter=("gone", 1)), seq([2], adapter=("ok", 1))
+    bad, good = seq([1], adapter="gone"), seq([2], adapter="ok")
     sched.add(bad)
     sched.add(good)
     step = sched.schedule()
@@ -306,7 +314,7 @@ def test_score_sequence_keeps_then_emits_logits():
 
 def test_abort_and_preempt_all_release_everything():
     sched, slots, ranks = make()
-    a, b = seq([1, 2], max_tokens=8, adapter=("a", 1)), seq([3], max_tokens=8)
+    a, b = seq([1, 2], max_tokens=8, adapter="a"), seq([3], max_tokens=8)
     sched.add(a)
     sched.add(b)
     step = sched.schedule()

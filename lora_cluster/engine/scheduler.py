@@ -31,17 +31,27 @@ from lora_cluster.errors import LoRAClusterError, RequestError
 
 
 class SlotProvider(Protocol):
-    """The device-slot tier as the scheduler sees it."""
+    """The device-slot tier as the scheduler sees it.
 
-    def acquire(self, adapter: AdapterKey) -> int | None:
-        """Slot holding ``adapter``, pinned for one more sequence; None while no slot can be freed.
+    A sequence is *bound* to one adapter version from its first admission until it finishes
+    (a preempted sequence resumes on the same version, never a mix); while running it also
+    *pins* that version's slot.
+    """
 
-        May make the adapter resident first (and raise the typed error if that fails).
+    def acquire(self, name: str, bound: AdapterKey | None) -> tuple[AdapterKey, int] | None:
+        """(version, slot) for a sequence of adapter ``name``, pinned for it; None while no
+        slot can be freed. ``bound`` is None on first admission (bind the current version).
+
+        May make the version resident first, and raises the typed error if that fails.
         """
         ...
 
-    def release(self, adapter: AdapterKey) -> None:
-        """Drop one sequence's pin on ``adapter``."""
+    def release(self, key: AdapterKey) -> None:
+        """Drop one running sequence's pin on ``key``."""
+        ...
+
+    def unbind(self, key: AdapterKey) -> None:
+        """A sequence bound to ``key`` finished."""
         ...
 
 
@@ -182,18 +192,19 @@ class Scheduler:
             if need + reserve > self.blocks.num_free:
                 self.waiting.appendleft(seq)
                 break  # FCFS on memory
-            if seq.adapter is not None:
+            if seq.adapter_name is not None:
                 if slot_blocked:
                     skipped.append(seq)
                     continue
-                slot = self._acquire(seq)
+                got = self._acquire(seq)
                 if seq.is_finished:
                     continue  # its adapter failed to load; the error is on the sequence
-                if slot is None:
+                if got is None:
                     slot_blocked = True
                     skipped.append(seq)
                     continue
-                seq.slot, seq.holds_pin = slot, True
+                seq.adapter, seq.slot = got
+                seq.holds_pin = True
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self.blocks.grow(seq.seq_id, n)
@@ -203,10 +214,10 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return budget
 
-    def _acquire(self, seq: Sequence) -> int | None:
-        assert seq.adapter is not None
+    def _acquire(self, seq: Sequence) -> tuple[AdapterKey, int] | None:
+        assert seq.adapter_name is not None
         try:
-            return self.slots.acquire(seq.adapter)
+            return self.slots.acquire(seq.adapter_name, seq.adapter)
         except LoRAClusterError as err:
             # The adapter could not be made resident (e.g. its source vanished): this request
             # fails with the cause; others carry on.
@@ -299,6 +310,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._drop_resources(seq)
+        if seq.adapter is not None:
+            self.slots.unbind(seq.adapter)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error

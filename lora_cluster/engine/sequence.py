@@ -31,7 +31,8 @@ class Sequence:
     seq_id: int
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
-    adapter: AdapterKey | None = None
+    adapter_name: str | None = None
+    adapter: AdapterKey | None = None  # the version bound at first admission
     seed: int = 0
     score: bool = False
     stop_ids: frozenset[int] = frozenset()

@@ -1,0 +1,419 @@
+"""``ControllerCore``: one replica's brain without Ray — adapters, scheduling, the step loop.
+
+Threading model. Callers (the Ray controller actor's threads, tests) may call every public
+method concurrently. One background thread runs steps while work exists. Two locks:
+``_exec`` serializes everything sent to the ranks — steps and adapter commands — so an
+adapter never changes in the middle of a step; ``_lock`` guards registry, residency,
+scheduler and handles. Order is always ``_exec`` → ``_lock``; threads that only read or
+queue (submit, cancel, list_adapters, stats) take ``_lock`` alone and never wait for a step.
+Results are delivered through ``RequestHandle`` objects; nothing waits while holding a lock.
+
+Rank failure: a step that raises ClusterError makes the core restart the rank group, reload
+the adapters that were resident, and re-run in-flight requests from their tokens so far
+(recompute). A second failure in a row fails the requests of that step with the error.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lora_cluster.api_types import AdapterInfo, GenerationResult
+from lora_cluster.config import ClusterConfig, SamplingParams
+from lora_cluster.engine.adapter_control import AdapterControl
+from lora_cluster.engine.block_manager import BlockManager
+from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
+from lora_cluster.engine.rank_group import RankGroup
+from lora_cluster.engine.rank_runtime import context_limit_for
+from lora_cluster.engine.registry import AdapterRecord
+from lora_cluster.engine.request_handle import RequestHandle
+from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
+from lora_cluster.engine.sequence import Sequence as Seq
+from lora_cluster.engine.tokenizer import Tokenizer
+from lora_cluster.errors import (
+    CapacityError,
+    ClusterError,
+    LoRAClusterError,
+    RequestError,
+    UnknownAdapterError,
+)
+from lora_cluster.model.spec import ModelSpec
+
+Prompt = str | Sequence[int]
+_IDLE_WAIT_S = 0.05  # re-check interval when work exists but nothing can run yet
+
+
+class ControllerCore:
+    """Registry, tiers, scheduler and step loop of one replica, driving a ``RankGroup``."""
+
+    def __init__(self, config: ClusterConfig, spec: ModelSpec, rank_group: RankGroup,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.spec = spec
+        self.group = rank_group
+        self.tokenizer = tokenizer
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._exec = threading.Lock()
+        self._cmd_seq = itertools.count()
+        self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)
+        self.adapters = AdapterControl(config, spec, self._send_all)
+        self.group_info = rank_group.describe()
+        self.context_limit = min(context_limit_for(config, spec),
+                                 self.group_info.num_kv_blocks * self.group_info.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=self.group_info.num_kv_blocks, block_size=self.group_info.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            context_limit=self.context_limit, eos_token_ids=spec.eos_token_ids,
+            watermark_blocks=self.group_info.num_kv_blocks // 100), self.adapters)
+        self._handles: dict[int, tuple[Seq, RequestHandle]] = {}
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self._started = time.monotonic()
+        self._failures_in_a_row = 0
+        self._closed = False
+        self._broken: LoRAClusterError | None = None
+        self._thread = threading.Thread(target=self._loop, name="lora-cluster-steps", daemon=True)
+        self._thread.start()
+
+    # ================================================================ adapters
+    def load_adapter(self, name: str, source: str) -> AdapterInfo:
+        """Register ``name`` from ``source`` and read it into every rank's host cache.
+
+        Idempotent for the same source; a bad adapter raises its typed error, leaves the
+        registry unchanged, and is remembered for ``failed_load_ttl_s``.
+        """
+        source = str(source)
+        self.adapters.failed.check(name, source)
+        with self._cv:
+            self._check_open()
+            self._cv.wait_for(lambda: name not in self.adapters.loading)
+            rec = self.adapters.records.get(name)
+            if rec is not None:
+                if rec.source == source:
+                    return self.adapters.info(name)
+                raise RequestError(
+                    f"adapter {name!r} is already registered from {rec.source!r}; use "
+                    f"update_adapter to replace its weights or evict_adapter first", field="name")
+            self.adapters.loading[name] = None
+        try:
+            path, meta = self.adapters.inspect(name, source)
+            with self._exec, self._lock:
+                key = (name, self.adapters.next_version(name))
+                rec = AdapterRecord(name=name, source=source, path=path, meta=meta, version=key[1])
+                self.adapters.loading[name] = rec
+                if not self.adapters.make_host_room_locked():
+                    raise _host_full(name, self.config.max_cpu_loras)
+                start = time.perf_counter()
+                results = self.adapters.load_locked(key, path)
+                rec.record_load(results, (time.perf_counter() - start) * 1e3)
+                self.adapters.records[name] = rec
+                return rec.info(self.adapters.residency_of(rec))
+        except LoRAClusterError as err:
+            self.adapters.failed.remember(name, source, err)
+            raise
+        finally:
+            with self._cv:
+                self.adapters.loading.pop(name, None)
+                self._cv.notify_all()
+
+    def update_adapter(self, name: str, source: str) -> AdapterInfo:
+        """Load new weights for ``name`` as a new version; the switch happens between steps.
+
+        Requests bound before the switch finish on the old version (kept resident until they
+        do); later ones use the new one. A failed update leaves the old version serving.
+        """
+        source = str(source)
+        path, meta = self.adapters.inspect(name, source)
+        with self._exec, self._lock:
+            self._check_open()
+            rec = self.adapters.records.get(name)
+            if rec is None:
+                raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
+            new_key = (name, self.adapters.next_version(name))
+            if not self.adapters.make_host_room_locked():
+                raise _host_full(name, self.config.max_cpu_loras)
+            start = time.perf_counter()
+            results = self.adapters.load_locked(new_key, path, update=True)
+            old_key = rec.key
+            rec.version, rec.source, rec.path, rec.meta = new_key[1], source, path, meta
+            rec.record_load(results, (time.perf_counter() - start) * 1e3)
+            self.adapters.retire_locked(old_key)
+            if rec.pinned:
+                self.adapters.ensure_device_locked(new_key)
+                self.adapters.residency.user_pinned.add(new_key)
+            return rec.info(self.adapters.residency_of(rec))
+
+    def evict_adapter(self, name: str) -> None:
+        """Unregister ``name``; requests already running on it finish first."""
+        with self._exec, self._lock:
+            rec = self.adapters.records.pop(name, None)
+            if rec is None:
+                raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
+            self.adapters.failed.forget(name)
+            self.adapters.retire_locked(rec.key)
+
+    def pin_adapter(self, name: str) -> None:
+        """Keep ``name`` in a device slot until ``unpin_adapter`` (loads it there now)."""
+        with self._exec, self._lock:
+            rec = self._record(name)
+            self.adapters.ensure_device_locked(rec.key)
+            self.adapters.residency.user_pinned.add(rec.key)
+            rec.pinned = True
+
+    def unpin_adapter(self, name: str) -> None:
+        """Let LRU evict ``name`` again."""
+        with self._lock:
+            rec = self._record(name)
+            self.adapters.residency.user_pinned.discard(rec.key)
+            rec.pinned = False
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return self.adapters.infos()
+
+    def _record(self, name: str) -> Any:
+        rec = self.adapters.records.get(name)
+        if rec is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
+        return rec
+
+    # ================================================================ requests
+    def submit(self, prompt: Prompt, adapter: str | None = None,
+               sampling: SamplingParams | None = None, *, score: bool = False) -> RequestHandle:
+        """Queue one request; the handle yields its tokens and final result."""
+        ids = self._prompt_ids(prompt)
+        sampling = sampling or SamplingParams()
+        if score:
+            sampling = SamplingParams(max_tokens=1)
+        with self._cv:
+            self._check_open()
+            if adapter is not None:
+                self._record(adapter).requests += 1
+            self._counters["requests_base" if adapter is None else "requests_adapter"] += 1
+            seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
+            seq = Seq(seq_id=next(self._ids), prompt_ids=tuple(ids), sampling=sampling,
+                      adapter_name=adapter, seed=seed, score=score)
+            self.scheduler.add(seq)
+            handle = RequestHandle(seq.seq_id, self.cancel)
+            self._handles[seq.seq_id] = (seq, handle)
+            self._cv.notify_all()
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        """Abort a request (no-op once finished)."""
+        with self._lock:
+            entry = self._handles.get(request_id)
+            if entry is not None:
+                self.scheduler.abort(entry[0])
+                self._publish(self.scheduler.take_events())
+
+    def generate(self, prompts: Sequence[Prompt],
+                 adapters: str | Sequence[str | None] | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 timeout: float | None = None) -> list[GenerationResult]:
+        """Run every prompt (text or token ids) with its adapter; results in prompt order."""
+        names = _per_prompt(adapters, len(prompts), "adapters")
+        params = _per_prompt(sampling, len(prompts), "sampling")
+        handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], params[i]),
+                                   len(prompts))
+        return [h.result(timeout) for h in handles]
+
+    def score(self, prompts: Sequence[Prompt],
+              adapters: str | Sequence[str | None] | None = None,
+              timeout: float | None = None) -> list[Any]:
+        """Float32 [len, V] logits of every prompt position (opaque payloads from the output rank)."""
+        names = _per_prompt(adapters, len(prompts), "adapters")
+        handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], score=True),
+                                   len(prompts))
+        return [h.logits(timeout) for h in handles]
+
+    def _submit_all(self, submit_one: Callable[[int], RequestHandle], n: int) -> list[RequestHandle]:
+        handles: list[RequestHandle] = []
+        try:
+            for i in range(n):
+                handles.append(submit_one(i))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("prompt: text prompts need a tokenizer (the model directory "
+                                   "has no tokenizer.json); pass token ids", field="prompt")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.spec.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt: token ids must be ints in [0, {vocab}), got {bad[:3]}",
+                               field="prompt")
+        return ids
+
+    # ================================================================ step loop
+    def _send_all(self, build: Callable[[int], AdapterCommand]) -> tuple[RankReply, ...]:
+        """Send an adapter command to every rank (caller holds ``_exec``)."""
+        return self.group.execute_all(build(next(self._cmd_seq)))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closed or self.scheduler.has_work())
+                if self._closed:
+                    return
+            if not self._step():
+                with self._cv:
+                    self._cv.wait(_IDLE_WAIT_S)
+
+    def _step(self) -> bool:
+        """Run one step; False when nothing could be scheduled."""
+        with self._exec:
+            with self._lock:
+                self.adapters.flush_drops_locked()
+                step = self.scheduler.schedule()
+                self._publish(self.scheduler.take_events())
+            if step is None:
+                return False
+            try:
+                result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan))
+            except ClusterError as err:
+                self._recover(step, err)
+                return True
+            with self._lock:
+                self._failures_in_a_row = 0
+                events = self.scheduler.apply(step, result.tokens, result.logits)
+                self._account(step, len(result.tokens))
+                self._publish(events)
+        return True
+
+    def _recover(self, step: ScheduledStep, err: ClusterError) -> None:
+        """Rebuild the rank group after a failed step (caller holds ``_exec``)."""
+        with self._lock:
+            self._failures_in_a_row += 1
+            self._counters["rank_group_restarts"] += 1
+            self.scheduler.preempt_all()
+            if self._failures_in_a_row > 1:
+                for seq, _ in step.entries:
+                    self.scheduler.abort(seq, error=err)
+                self._publish(self.scheduler.take_events())
+        try:
+            info = self.group.restart()
+            with self._lock:
+                self._resize_blocks(info.num_kv_blocks)
+                self.adapters.restore_locked()
+        except LoRAClusterError as fatal:
+            with self._lock:
+                self._broken = ClusterError(f"rank group could not be rebuilt: {fatal}")
+                self._fail_all(self._broken)
+
+    def _resize_blocks(self, num_blocks: int) -> None:
+        if num_blocks < self.scheduler.cfg.num_blocks:
+            raise ClusterError(f"rebuilt rank group has {num_blocks} KV blocks, fewer than the "
+                               f"{self.scheduler.cfg.num_blocks} planned for")
+        self.scheduler.blocks = BlockManager(self.scheduler.cfg.num_blocks,
+                                             self.scheduler.cfg.block_size)
+
+    def _account(self, step: ScheduledStep, sampled: int) -> None:
+        now = time.monotonic()
+        self._counters["steps"] += 1
+        self._counters["generated_tokens"] += sampled
+        self._counters["computed_tokens"] += step.plan.num_tokens
+        self._window.append((now, sampled))
+        while self._window and now - self._window[0][0] > 10.0:
+            self._window.popleft()
+
+    def _publish(self, events: list[SeqEvent]) -> None:
+        """Hand new tokens and finished requests to their handles (caller holds ``_lock``)."""
+        for event in events:
+            entry = self._handles.get(event.seq.seq_id)
+            if entry is None:
+                continue
+            seq, handle = entry
+            if event.new_token is not None:
+                handle._push(event.new_token)
+            if event.finished:
+                del self._handles[seq.seq_id]
+                if seq.error is not None:
+                    handle._finish(None, error=seq.error)
+                else:
+                    handle._finish(self._result(seq), logits=seq.logits)
+                    self._counters["finished"] += 1
+
+    def _result(self, seq: Seq) -> GenerationResult:
+        text = self.tokenizer.decode(seq.output_ids) if self.tokenizer is not None else None
+        return GenerationResult(
+            prompt_token_ids=seq.prompt_ids, token_ids=tuple(seq.output_ids), text=text,
+            finish_reason=seq.finish_reason or "abort",  # type: ignore[arg-type]
+            adapter=seq.adapter_name,
+            adapter_version=None if seq.adapter is None else seq.adapter[1],
+            metrics=seq.metrics())
+
+    def _fail_all(self, err: LoRAClusterError) -> None:
+        for seq, _ in list(self._handles.values()):
+            self.scheduler.abort(seq, error=err)
+        self._publish(self.scheduler.take_events())
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+        if self._closed:
+            raise ClusterError("the cluster is shut down")
+
+    # ================================================================ reporting, lifecycle
+    def stats(self) -> dict[str, Any]:
+        """Slots, cache, load times, tokens/s, queue depth, per-adapter request counts."""
+        with self._lock:
+            now = time.monotonic()
+            span = now - self._window[0][0] if len(self._window) > 1 else 0.0
+            recent = sum(n for _, n in self._window)
+            out: dict[str, Any] = dict(self.adapters.stats())
+            out.update(self.scheduler.stats())
+            out.update({
+                "queue_depth": len(self.scheduler.waiting),
+                "tokens_per_s": recent / span if span > 0 else 0.0,
+                "uptime_s": now - self._started,
+                "context_limit": self.context_limit,
+                "world_size": self.group_info.world_size,
+                "device": self.group_info.device,
+                **{k: int(v) for k, v in self._counters.items()},
+            })
+            return out
+
+    def shutdown(self) -> None:
+        """Fail what is pending, stop the step loop and shut the ranks down (idempotent)."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._fail_all(ClusterError("the cluster is shutting down"))
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        with self._exec:
+            self.group.close()
+
+
+def _host_full(name: str, capacity: int) -> LoRAClusterError:
+    return CapacityError(f"adapter {name!r}: the host cache ({capacity} adapters) is full of "
+                         f"adapters pinned by running requests or pin_adapter", name=name)
+
+
+def _per_prompt(value: Any, count: int, what: str) -> list[Any]:
+    """One value per prompt from a single value or a per-prompt list."""
+    if value is None or isinstance(value, str | SamplingParams):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise RequestError(f"{what}: expected one per prompt ({count}), got {len(values)}",
+                           field=what)
+    return values

@@ -1,0 +1,125 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+All of a decode step's inputs travel in one packed int64 buffer (one host→device copy); the
+captured region itself unpacks them into the ``ForwardBatch`` fields, and the model builds
+its LoRA metadata from ``token_slots`` inside the same region — so a graph never freezes a
+host-side decision about which rows have adapters. Rows past the live batch are padding:
+slot -1 (no LoRA), KV slot -1 (nothing written), context length 1 over block 0 (a finite,
+ignored read).
+
+Packed layout for bucket b (P = max blocks per sequence), all int64:
+    [0:b) input ids · [b:2b) positions · [2b:3b) LoRA slots · [3b:4b) context lengths ·
+    [4b:5b) KV slot mapping · [5b:5b+b·P) block tables, row-major
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lora_cluster.engine.messages import SeqStep
+from lora_cluster.model.batch import ForwardBatch
+
+
+def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes with a graph: 1, 2, 4, 8, then every 16, and ``max_num_seqs`` itself."""
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs}
+    sizes.update(range(16, max_num_seqs + 1, 16))
+    sizes.add(max_num_seqs)
+    return tuple(sorted(sizes))
+
+
+class DecodeGraphs:
+    """Captured decode forwards and the static buffers they read."""
+
+    def __init__(self, model: Any, kv_cache: Any, *, device: torch.device, max_num_seqs: int,
+                 max_blocks_per_seq: int, max_context_len: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.buckets = graph_buckets(max_num_seqs)
+        self.max_num_seqs = self.buckets[-1]
+        self.width = max_blocks_per_seq
+        # Attention is sized by a bucket value, never by a length read back from the device.
+        self.max_context_len = max_context_len
+        size = self.max_num_seqs * (5 + self.width)
+        self._packed = torch.zeros(size, dtype=torch.int64, device=device)
+        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Set once the last host→device copy has left the pinned staging buffer: a rank that
+        # does not sample never waits on the device otherwise and could overwrite it early.
+        self._copied: torch.cuda.Event | None = None
+
+    def _unpack(self, b: int) -> ForwardBatch:
+        """The batch as views/casts of the packed buffer (runs inside the captured region)."""
+        p = self._packed
+        return ForwardBatch(
+            input_ids=p[0:b],
+            positions=p[b:2 * b],
+            token_slots=p[2 * b:3 * b].to(torch.int32),
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=self.device),
+            context_lens=p[3 * b:4 * b].to(torch.int32),
+            block_tables=p[5 * b:5 * b + b * self.width].view(b, self.width).to(torch.int32),
+            kv_slot_mapping=p[4 * b:5 * b],
+            logits_rows=torch.arange(b, dtype=torch.int64, device=self.device),
+            is_decode=True,
+            max_context_len=self.max_context_len,
+        )
+
+    def _fill_padding(self, b: int) -> None:
+        p = self._packed
+        p[: 5 * b + b * self.width].zero_()
+        p[2 * b:3 * b].fill_(-1)  # no LoRA
+        p[3 * b:4 * b].fill_(1)  # context of one token in block 0
+        p[4 * b:5 * b].fill_(-1)  # KV not written
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first, sharing one memory pool."""
+        pool = None
+        torch.cuda.synchronize(self.device)
+        for b in reversed(self.buckets):
+            self._fill_padding(b)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy inits and allocator growth
+                for _ in range(2):
+                    self.model.forward(self._unpack(b), self.kv_cache)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model.forward(self._unpack(b), self.kv_cache)
+            pool = graph.pool()
+            self._graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.device)
+
+    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
+            block_size: int) -> torch.Tensor:
+        """Replay the smallest bucket holding ``len(seqs)`` decodes; logits [B, V] (a view of
+        the graph's output: consume before the next replay)."""
+        n = len(seqs)
+        b = next(size for size in self.buckets if size >= n)
+        pad = b - n
+        ids = [s.token_ids[0] for s in seqs] + [0] * pad
+        pos = [s.start_pos for s in seqs] + [0] * pad
+        slots = [s.slot for s in seqs] + [-1] * pad
+        ctx = [s.context_len for s in seqs] + [1] * pad
+        kv = [t[s.start_pos // block_size] * block_size + s.start_pos % block_size
+              for s, t in zip(seqs, tables)] + [-1] * pad
+        flat: list[int] = []
+        for t in tables:
+            flat.extend(t)
+            flat.extend([0] * (self.width - len(t)))
+        flat.extend([0] * (pad * self.width))
+        host = torch.tensor(ids + pos + slots + ctx + kv + flat, dtype=torch.int64)
+        size = host.numel()
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._staging[:size].copy_(host)
+        self._packed[:size].copy_(self._staging[:size], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        graph, out = self._graphs[b]
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,264 @@
+"""One rank of a replica, without Ray: model shard, KV cache, adapter host cache and slots.
+
+``RankRuntime.execute(command)`` runs the controller's ordered command stream. The rank
+keeps no policy of its own: which adapter goes to which slot, and what leaves the host
+cache, is decided by the controller and mirrored here exactly, so the controller's view of
+every rank is exact. Adapter commands are atomic: a failed load leaves the rank unchanged.
+
+KV budget: ``kv_cache_bytes`` when set; else ``kv_cache_fraction`` of the device's free
+memory after the weights and LoRA slots are allocated (CUDA), or on CPU of
+``min(CPU_KV_BASE_BYTES, free host memory)`` — a CPU rank shares its host with everything
+else, so it never claims a fraction of all RAM. Either way the cache is capped at what
+``max_num_seqs`` sequences of full context could ever use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from lora_cluster.adapters.weights import AdapterWeights, LoRATensors
+from lora_cluster.config import ClusterConfig
+from lora_cluster.engine.messages import (
+    AdapterKey,
+    AnyCommand,
+    DropAdapter,
+    EvictSlot,
+    LoadAdapter,
+    LoadResult,
+    PlaceAdapter,
+    PlaceResult,
+    Shutdown,
+    Step,
+    StepResult,
+    UpdateAdapter,
+)
+from lora_cluster.engine.runner import StepRunner
+from lora_cluster.errors import ClusterError, ConfigError, LoRAClusterError
+from lora_cluster.model.kv_cache import KVCache, kv_budget_bytes, num_blocks_for_budget
+from lora_cluster.model.parallel import Comm, ParallelInfo
+from lora_cluster.model.spec import ModelSpec, load_model_spec
+
+CPU_KV_BASE_BYTES = 2 << 30
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def context_limit_for(config: ClusterConfig, spec: ModelSpec) -> int:
+    """Longest sequence (prompt + output) served: ``max_model_len`` or the model's context."""
+    limit = config.max_model_len or spec.max_position_embeddings
+    if config.max_model_len and config.max_model_len > spec.max_position_embeddings:
+        raise ConfigError(
+            f"max_model_len: {config.max_model_len} exceeds the model's "
+            f"max_position_embeddings ({spec.max_position_embeddings})", field="max_model_len")
+    return int(limit)
+
+
+class RankRuntime:
+    """Executes commands on one rank; the Ray rank actor is a shell around it."""
+
+    def __init__(self, config: ClusterConfig, parallel: ParallelInfo, comm: Comm) -> None:
+        from lora_cluster.model.loader import load_model
+
+        if config.device == "auto" or config.dtype == "auto":
+            raise ConfigError("RankRuntime needs a resolved config (ClusterConfig.resolved)",
+                              field="device")
+        self.config = config
+        self.parallel = parallel
+        self.comm = comm
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = _DTYPES[config.dtype]
+        self.spec = load_model_spec(config.model)
+        start = time.perf_counter()
+        self.model = load_model(config.model, parallel=parallel, comm=comm, dtype=self.dtype,
+                                device=self.device, max_loras=config.max_loras,
+                                max_lora_rank=config.max_lora_rank)
+        self.model_load_ms = (time.perf_counter() - start) * 1e3
+        self.context_limit = context_limit_for(config, self.spec)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache.for_model(self.spec, parallel, num_blocks=self.num_kv_blocks,
+                                          block_size=config.block_size, dtype=self.dtype,
+                                          device=self.device)
+        self.runner = StepRunner(self.model, self.kv_cache, device=self.device,
+                                 block_size=config.block_size,
+                                 context_limit=min(self.context_limit,
+                                                   self.num_kv_blocks * config.block_size),
+                                 max_num_seqs=config.max_num_seqs,
+                                 is_output_rank=parallel.is_output_rank,
+                                 use_cuda_graphs=config.use_cuda_graphs)
+        self.runner.capture()
+        self.host_cache: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self.slots: list[AdapterKey | None] = [None] * config.max_loras
+        self._staging: dict[AdapterKey, dict[tuple[int | None, str], LoRATensors]] = {}
+        self.load_stats: dict[AdapterKey, LoadResult] = {}
+        self._last_seq = -1
+        self._closed = False
+        self.steps = 0
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            budget = kv_budget_bytes(self.device, fraction=cfg.kv_cache_fraction)
+        else:
+            free = kv_budget_bytes(self.device, fraction=1.0)
+            budget = int(min(CPU_KV_BASE_BYTES, free) * cfg.kv_cache_fraction)
+        blocks = num_blocks_for_budget(self.spec, self.parallel, block_size=cfg.block_size,
+                                       dtype=self.dtype, budget_bytes=budget)
+        useful = cfg.max_num_seqs * -(-self.context_limit // cfg.block_size)
+        return min(blocks, useful)
+
+    # ---------------------------------------------------------------- commands
+    def execute(self, command: AnyCommand) -> StepResult | LoadResult | PlaceResult | None:
+        """Run one command of the stream; the result (tokens only on the output rank), or None."""
+        if self._closed:
+            raise ClusterError(f"rank {self.parallel.rank}: already shut down",
+                               rank=self.parallel.rank)
+        if command.seq <= self._last_seq:
+            raise ClusterError(
+                f"rank {self.parallel.rank}: command {command.seq} arrived after "
+                f"{self._last_seq} (the stream must be strictly ordered)", rank=self.parallel.rank)
+        self._last_seq = command.seq
+        if isinstance(command, Step):
+            self.steps += 1
+            return self.runner.run(command.plan, command.seq)
+        if isinstance(command, LoadAdapter):
+            return self._load(command)
+        if isinstance(command, UpdateAdapter):
+            return self._update(command)
+        if isinstance(command, PlaceAdapter):
+            return self._place(command)
+        if isinstance(command, EvictSlot):
+            self._clear_slot(command.slot)
+            return None
+        if isinstance(command, DropAdapter):
+            self._drop(command.key)
+            return None
+        if isinstance(command, Shutdown):
+            self.close()
+            return None
+        raise ClusterError(f"rank {self.parallel.rank}: unknown command {type(command).__name__}")
+
+    def _read(self, path: str, name: str, version: int) -> tuple[AdapterWeights, dict[str, float]]:
+        from lora_cluster.adapters.loader import load_adapter_weights
+
+        t0 = time.perf_counter()
+        weights = load_adapter_weights(path, self.spec, self.parallel, name=name, version=version,
+                                       max_lora_rank=self.config.max_lora_rank)
+        t1 = time.perf_counter()
+        breakdown = {"read": (t1 - t0) * 1e3}
+        if self.device.type == "cuda":
+            # Pinned host copies make slot activation a plain async DMA.
+            weights = _pinned(weights)
+            breakdown["pin"] = (time.perf_counter() - t1) * 1e3
+        return weights, breakdown
+
+    def _load(self, cmd: LoadAdapter) -> LoadResult:
+        if cmd.key in self.host_cache:
+            return self.load_stats[cmd.key]
+        self._check_room(cmd.key)
+        weights, breakdown = self._read(cmd.path, cmd.name, cmd.version)
+        # Nothing above touched the rank's state: a failed read leaves it as it was.
+        self.host_cache[cmd.key] = weights
+        result = LoadResult(name=cmd.name, version=cmd.version, nbytes=weights.nbytes,
+                            breakdown_ms=tuple(breakdown.items()))
+        self.load_stats[cmd.key] = result
+        return result
+
+    def _update(self, cmd: UpdateAdapter) -> LoadResult | None:
+        """Stage the named layers of a new version; on ``final`` it becomes a host entry."""
+        if cmd.key in self.host_cache:
+            raise ClusterError(f"rank {self.parallel.rank}: adapter {cmd.name!r} version "
+                               f"{cmd.version} is already resident", name=cmd.name)
+        if cmd.final and not self._staging.get(cmd.key):
+            self._check_room(cmd.key)
+        weights, breakdown = self._read(cmd.path, cmd.name, cmd.version)
+        wanted = None if cmd.layers is None else set(cmd.layers)
+        staged = self._staging.setdefault(cmd.key, {})
+        staged.update({key: t for key, t in weights.modules.items()
+                       if wanted is None or key[0] in wanted or (cmd.final and key[0] is None)})
+        if not cmd.final:
+            return None
+        del self._staging[cmd.key]
+        full = AdapterWeights(cmd.name, cmd.version, weights.rank, staged)
+        self.host_cache[cmd.key] = full
+        result = LoadResult(name=cmd.name, version=cmd.version, nbytes=full.nbytes,
+                            breakdown_ms=tuple(breakdown.items()))
+        self.load_stats[cmd.key] = result
+        return result
+
+    def _check_room(self, key: AdapterKey) -> None:
+        if len(self.host_cache) >= self.config.max_cpu_loras:
+            raise ClusterError(
+                f"rank {self.parallel.rank}: host cache full ({self.config.max_cpu_loras}) while "
+                f"loading {key}; the controller must drop an adapter first", name=key[0])
+
+    def _place(self, cmd: PlaceAdapter) -> PlaceResult:
+        if not 0 <= cmd.slot < len(self.slots):
+            raise ClusterError(f"rank {self.parallel.rank}: slot {cmd.slot} out of range")
+        weights = self.host_cache.get(cmd.key)
+        if weights is None:
+            raise ClusterError(f"rank {self.parallel.rank}: adapter {cmd.name!r} version "
+                               f"{cmd.version} is not in the host cache", name=cmd.name)
+        start = time.perf_counter()
+        self._clear_slot(cmd.slot)
+        try:
+            self.model.set_lora_slot(cmd.slot, weights)
+        except LoRAClusterError:
+            self.model.clear_lora_slot(cmd.slot)
+            raise
+        self.slots[cmd.slot] = cmd.key
+        self.host_cache.move_to_end(cmd.key)
+        return PlaceResult(slot=cmd.slot, ms=(time.perf_counter() - start) * 1e3)
+
+    def _clear_slot(self, slot: int) -> None:
+        if self.slots[slot] is not None:
+            self.model.clear_lora_slot(slot)
+            self.slots[slot] = None
+
+    def _drop(self, key: AdapterKey) -> None:
+        for slot, held in enumerate(self.slots):
+            if held == key:
+                self._clear_slot(slot)
+        self.host_cache.pop(key, None)
+        self._staging.pop(key, None)
+        self.load_stats.pop(key, None)
+
+    # ---------------------------------------------------------------- reporting
+    def stats(self) -> dict[str, Any]:
+        """This rank's adapters (bytes, load ms), slots and memory."""
+        return {
+            "rank": self.parallel.rank,
+            "device": str(self.device),
+            "model_load_ms": self.model_load_ms,
+            "kv_blocks": self.num_kv_blocks,
+            "kv_cache_bytes": self.kv_cache.nbytes,
+            "slots": [None if k is None else f"{k[0]}@v{k[1]}" for k in self.slots],
+            "host_cache": {f"{k[0]}@v{k[1]}": {"bytes": r.nbytes, "load_ms": dict(r.breakdown_ms)}
+                           for k, r in self.load_stats.items()},
+            "live_sequences": self.runner.num_live_seqs,
+            "steps": self.steps,
+        }
+
+    def close(self) -> None:
+        """Free the model and caches."""
+        self._closed = True
+        self.host_cache.clear()
+        self._staging.clear()
+        self.runner.reset()
+        del self.model, self.kv_cache
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _pinned(weights: AdapterWeights) -> AdapterWeights:
+    modules = {key: LoRATensors(t.a.pin_memory(), t.b.pin_memory(), t.scaling)
+               for key, t in weights.modules.items()}
+    return AdapterWeights(weights.name, weights.version, weights.rank, modules)
