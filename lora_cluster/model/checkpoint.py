@@ -78,6 +78,10 @@ class CheckpointReader:
     def _is_sharded(self) -> bool:
         return (self.model_dir / INDEX_FILE).is_file()
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor name of the checkpoint."""
+        return list(self._where)
+
     def has(self, key: str) -> bool:
         return key in self._where
 
