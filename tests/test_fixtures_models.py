@@ -175,3 +175,12 @@ def test_greedy_decoding_is_decisive(fixture_cache: FixtureCache, preset: str) -
         assert top2.indices[:, 0].tolist() == new
         gap = (top2.values[:, 0] - top2.values[:, 1]) / logits.std()
         assert gap.min() > 1e-4, (preset, prompt, gap.min())
+
+
+def test_tied_embeddings_checkpoint(fixture_cache: FixtureCache) -> None:
+    model_dir = fixture_cache.model("qwen3", tie_word_embeddings=True)
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    model = oracle_model(model_dir)
+    assert model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

@@ -126,6 +126,8 @@ def _as_spec(model: str | Path | TinyModelSpec) -> TinyModelSpec:
 
 
 def _base_tensor(model: str | Path | TinyModelSpec, name: str, model_seed: int) -> torch.Tensor:
+    if name == "lm_head.weight" and _as_spec(model).tie_word_embeddings:
+        name = "model.embed_tokens.weight"  # tied: the checkpoint has no lm_head tensor
     if isinstance(model, TinyModelSpec) or not Path(model).is_dir():
         return model_state_dict(_as_spec(model), seed=model_seed)[name]
     root = Path(model)
