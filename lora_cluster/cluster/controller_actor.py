@@ -32,13 +32,14 @@ class ControllerActor:
     def _build(self) -> None:
         from lora_cluster.cluster.ray_rank_group import RayRankGroup
         from lora_cluster.engine.controller_core import ControllerCore
-        from lora_cluster.engine.tokenizer import load_tokenizer
+        from lora_cluster.engine.tokenizer import Tokenizer
         from lora_cluster.model.spec import load_model_spec
 
         try:
             spec = load_model_spec(self.config.model)
             group = RayRankGroup(self.config, self._pg)
-            self.core = ControllerCore(self.config, spec, group, load_tokenizer(self.config.model))
+            self.core = ControllerCore(self.config, spec, group,
+                                       Tokenizer.from_model_dir(self.config.model))
         except BaseException as exc:  # noqa: BLE001 - handed to wait_ready
             self._error = exc
         finally:
@@ -87,13 +88,13 @@ class ControllerActor:
 
     def check_health(self) -> dict[str, Any]:
         core = self._core()
-        return {"ok": True, "ranks": self.config.world_size, "generation": core.rank_group.generation}
+        return {"ok": True, "ranks": self.config.world_size, "generation": core.group.generation}
 
     def rank_pids(self) -> list[int]:
-        return self._core().rank_group.rank_pids()
+        return self._core().group.rank_pids()
 
     def kill_rank(self, rank: int) -> None:
-        self._core().rank_group.kill_rank(rank)
+        self._core().group.kill_rank(rank)
 
     def shutdown(self) -> None:
         if self.core is not None:
