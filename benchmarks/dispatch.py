@@ -19,11 +19,11 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import write_json
 
-from lora_cluster.cli_format import format_table  # noqa: E402
-from lora_cluster.cluster.stream import CommandPublisher, CommandReader  # noqa: E402
-from lora_cluster.engine.messages import SampleSpec, SeqStep, Step, StepPlan  # noqa: E402
+from lora_cluster.cli_format import format_table
+from lora_cluster.cluster.stream import CommandPublisher, CommandReader
+from lora_cluster.engine.messages import SampleSpec, SeqStep, Step, StepPlan
 
 
 @ray.remote(num_cpus=0.01, max_concurrency=2)

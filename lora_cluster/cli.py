@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
 
 from lora_cluster.cli_format import format_table, print_json, progress
 from lora_cluster.config import ClusterConfig, SamplingParams
-from lora_cluster.errors import LoRAClusterError
+from lora_cluster.errors import ClusterError, LoRAClusterError
 
 DEFAULT_NAME = "default"
 STATE_DIR = Path(os.environ.get("LORA_CLUSTER_STATE_DIR", Path.home() / ".cache" / "lora_cluster"))
@@ -30,7 +34,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in _HIDDEN_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
-        names = [flag] + {"tp_size": ["--tp"], "ep_size": ["--ep"]}.get(f.name, [])
+        names = [flag, *{"tp_size": ["--tp"], "ep_size": ["--ep"]}.get(f.name, [])]
         hint = hints[f.name]
         args = typing.get_args(hint)
         if hint is bool:
@@ -60,10 +64,31 @@ def _config_from_args(args: argparse.Namespace, model: str) -> ClusterConfig:
     return ClusterConfig(**values)
 
 
+def _state(name: str) -> dict[str, Any]:
+    path = _state_file(name)
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _connect(args: argparse.Namespace) -> Any:
+    """The named cluster, at --address, else where ``start`` recorded it, else Ray's 'auto'."""
     from lora_cluster.cluster.handle import Cluster
 
-    return Cluster.connect(args.name, address=args.address or "auto", namespace=args.namespace)
+    address = args.address or _state(args.name).get("address") or "auto"
+    return Cluster.connect(args.name, address=address, namespace=args.namespace)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_bin() -> str:
+    local = Path(sys.executable).with_name("ray")
+    return str(local) if local.exists() else (shutil.which("ray") or "ray")
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -81,22 +106,16 @@ def _state_file(name: str) -> Path:
 def cmd_start(args: argparse.Namespace) -> int:
     from lora_cluster.cluster.handle import Cluster
 
-    started_head = False
+    head_pgid = None
     address = args.address
     if address is None:
-        ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         with progress("starting a local Ray head", not args.json):
-            probe = subprocess.run([ray_bin, "status"], capture_output=True, text=True)
-            if probe.returncode != 0:
-                subprocess.run([ray_bin, "start", "--head", "--disable-usage-stats",
-                                "--include-dashboard=false"], check=True, capture_output=True)
-                started_head = True
-        address = "auto"
+            address, head_pgid = _start_head(_state_file(args.name).with_suffix(".ray.log"))
     config = _config_from_args(args, args.model).replace(address=address)
     with progress(f"starting cluster {args.name!r} ({config.world_size} ranks)", not args.json):
         cluster = Cluster.start(config, name=args.name)
     state = {"name": args.name, "address": address, "namespace": config.namespace,
-             "started_head": started_head, "model": args.model}
+             "head_pgid": head_pgid, "model": args.model}
     _state_file(args.name).parent.mkdir(parents=True, exist_ok=True)
     _state_file(args.name).write_text(json.dumps(state))
     stats = cluster.stats()
@@ -110,19 +129,60 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     state_path = _state_file(args.name)
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = _state(args.name)
     with progress(f"stopping cluster {args.name!r}", not args.json):
         cluster = _connect(args)
         cluster.shutdown()
-        if state.get("started_head"):
-            ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-            subprocess.run([ray_bin, "stop"], capture_output=True)
+        if state.get("head_pgid"):
+            import ray
+
+            ray.shutdown()
+            _stop_head(int(state["head_pgid"]))
     state_path.unlink(missing_ok=True)
     if args.json:
         print_json({"stopped": args.name})
     else:
         print(f"cluster {args.name!r} stopped")
     return 0
+
+
+def _start_head(log_path: Path, timeout_s: float = 120.0) -> tuple[str, int]:
+    """A Ray head in its own process group that outlives the CLI; (address, group id)."""
+    port = _free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [_ray_bin(), "start", "--head", f"--port={port}", "--block",
+             "--disable-usage-stats", "--include-dashboard=false"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(f"ray start exited with {proc.returncode}; see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return f"127.0.0.1:{port}", proc.pid
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise ClusterError(f"ray head did not come up within {timeout_s:.0f}s; see {log_path}")
+
+
+def _stop_head(pgid: int, timeout_s: float = 30.0) -> None:
+    """Stop the head ``start`` launched, and only it (``ray stop`` would stop every Ray here)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

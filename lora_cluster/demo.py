@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lora_cluster.cli_format import format_table, print_json, progress
 
+
 def run_demo(*, cache_dir: Path, device: str = "cpu", as_json: bool = False,
              max_tokens: int = 12) -> int:
     """Write (or reuse) the demo assets, serve one batch mixing every adapter and the base."""

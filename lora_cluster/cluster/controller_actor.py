@@ -40,7 +40,7 @@ class ControllerActor:
             group = RayRankGroup(self.config, self._pg)
             self.core = ControllerCore(self.config, spec, group,
                                        Tokenizer.from_model_dir(self.config.model))
-        except BaseException as exc:  # noqa: BLE001 - handed to wait_ready
+        except BaseException as exc:
             self._error = exc
         finally:
             self._ready.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,10 +11,10 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
 from lora_cluster.api_types import AdapterInfo, GenerationResult
-from lora_cluster.config import ClusterConfig, SamplingParams
-from lora_cluster.errors import ClusterError, LoRAClusterError, RequestError
 from lora_cluster.cluster.placement import create_placement
 from lora_cluster.cluster.ray_session import ensure_ray
+from lora_cluster.config import ClusterConfig, SamplingParams
+from lora_cluster.errors import ClusterError, LoRAClusterError, RequestError
 
 ACTOR_PREFIX = "lora_cluster:"
 Prompt = str | Sequence[int]
@@ -34,7 +35,7 @@ def _unwrap(exc: Exception) -> Exception:
     return exc
 
 
-def normalize_adapters(adapters: str | None | Sequence[str | None], count: int) -> list[str | None]:
+def normalize_adapters(adapters: str | Sequence[str | None] | None, count: int) -> list[str | None]:
     """One adapter name (or None) per prompt from a single name or a per-prompt list."""
     if adapters is None or isinstance(adapters, str):
         return [adapters] * count
@@ -95,10 +96,8 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(Exception):
             ray.get(self._controller.shutdown.remote(), timeout=60)
-        except Exception:  # noqa: BLE001 - best effort: the actor may already be gone
-            pass
         ray.kill(self._controller, no_restart=True)
         if self._placement is not None:
             self._placement.remove()
@@ -133,21 +132,21 @@ class Cluster:
         return self._call("list_adapters")
 
     # ---- requests --------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], adapters: str | None | Sequence[str | None] = None,
+    def generate(self, prompts: Sequence[Prompt], adapters: str | Sequence[str | None] | None = None,
                  sampling: SamplingParams | None = None) -> list[GenerationResult]:
         prompts = _as_prompt_list(prompts)
         names = normalize_adapters(adapters, len(prompts))
         return self._call("generate", prompts, names, sampling or SamplingParams())
 
     def score(self, prompts: Sequence[Prompt],
-              adapters: str | None | Sequence[str | None] = None) -> list[torch.Tensor]:
+              adapters: str | Sequence[str | None] | None = None) -> list[torch.Tensor]:
         """Float32 [len, vocab] logits per prompt; they travel from the output rank by reference."""
         prompts = _as_prompt_list(prompts)
         names = normalize_adapters(adapters, len(prompts))
         refs = self._call("score", prompts, names)
         try:
             return list(ray.get(refs))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _unwrap(exc) from None
 
     def stats(self) -> dict[str, Any]:
@@ -162,7 +161,7 @@ class Cluster:
             raise ClusterError("cluster handle is shut down")
         try:
             return ray.get(getattr(self._controller, method).remote(*args), timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - re-raised typed
+        except Exception as exc:
             raise _unwrap(exc) from None
 
 

@@ -87,7 +87,7 @@ class RankActor:
             try:
                 result = self.runtime.execute(command)
                 reply = RankReply(rank=self.parallel.rank, result=result)
-            except BaseException as exc:  # noqa: BLE001 - typed errors go back to the controller
+            except BaseException as exc:
                 reply = RankReply(rank=self.parallel.rank, error=_portable(exc, self.parallel.rank))
             self.reader.reply(env.seq, True, reply)
             if isinstance(command, Shutdown):

@@ -16,7 +16,12 @@ from lora_cluster.cluster.rank_actor import RankActor
 from lora_cluster.cluster.stream import CommandPublisher, Reply
 from lora_cluster.config import ClusterConfig
 from lora_cluster.engine.messages import (
-    AdapterCommand, GroupInfo, RankReply, Shutdown, Step, StepResult,
+    AdapterCommand,
+    GroupInfo,
+    RankReply,
+    Shutdown,
+    Step,
+    StepResult,
 )
 from lora_cluster.errors import ClusterError, LoRAClusterError
 
