@@ -106,12 +106,13 @@ def _state_file(name: str) -> Path:
 def cmd_start(args: argparse.Namespace) -> int:
     from lora_cluster.cluster.handle import Cluster
 
+    config = _config_from_args(args, args.model)  # validate before starting anything
     head_pgid = None
     address = args.address
     if address is None:
         with progress("starting a local Ray head", not args.json):
             address, head_pgid = _start_head(_state_file(args.name).with_suffix(".ray.log"))
-    config = _config_from_args(args, args.model).replace(address=address)
+    config = config.replace(address=address)
     with progress(f"starting cluster {args.name!r} ({config.world_size} ranks)", not args.json):
         cluster = Cluster.start(config, name=args.name)
     state = {"name": args.name, "address": address, "namespace": config.namespace,
@@ -304,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except LoRAClusterError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())
+        print(f"error: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI promises a one-line cause
+        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
