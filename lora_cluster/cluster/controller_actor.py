@@ -8,7 +8,7 @@ a failed rendezvous) reach the caller of ``wait_ready`` as typed errors.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -17,8 +17,7 @@ from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.errors import ClusterError, LoRAClusterError
 
 
-@ray.remote(max_restarts=0, max_concurrency=64)
-class ControllerActor:
+class ControllerActorImpl:
     """Owns the registry, the scheduler and the rank group of one replica."""
 
     def __init__(self, config: ClusterConfig, placement_group: Any) -> None:
@@ -99,3 +98,7 @@ class ControllerActor:
     def shutdown(self) -> None:
         if self.core is not None:
             self.core.shutdown()
+
+
+ControllerActor: Any = cast(Any, ray.remote)(max_restarts=0, max_concurrency=64)(
+    ControllerActorImpl)

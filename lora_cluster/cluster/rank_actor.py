@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 import ray
 import torch
@@ -21,8 +21,7 @@ from lora_cluster.errors import ClusterError, LoRAClusterError
 from lora_cluster.model.parallel import LocalComm, ParallelInfo
 
 
-@ray.remote(max_restarts=0, max_concurrency=4)
-class RankActor:
+class RankActorImpl:
     """One rank of a replica (one GPU, or a CPU share)."""
 
     def __init__(self, config: ClusterConfig, rank: int) -> None:
@@ -119,6 +118,10 @@ class RankActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+# max_restarts=0: a collective group cannot survive a restarted member; the controller rebuilds.
+RankActor: Any = cast(Any, ray.remote)(max_restarts=0, max_concurrency=4)(RankActorImpl)
 
 
 def _portable(exc: BaseException, rank: int) -> LoRAClusterError:

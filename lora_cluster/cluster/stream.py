@@ -43,7 +43,7 @@ class CommandPublisher:
     """Controller end: publishes commands, collects replies."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 0)
@@ -95,7 +95,7 @@ class CommandReader:
 
     def __init__(self, command_address: str, reply_address: str, rank: int) -> None:
         self.rank = rank
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 0)
