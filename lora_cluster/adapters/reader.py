@@ -1,0 +1,149 @@
+"""Selective reads of 2-D tensors from an adapter file; every materialized byte is counted.
+
+The safetensors file is memory-mapped and read with the offsets of the header we already
+parsed (``header.TensorTable``): a read copies exactly the requested rows/columns — this
+rank's TP slice, its local experts — into a new tensor, and the OS pages in only what is
+touched. Many same-shape tensors (per-expert "2D" LoRA: thousands of tiny tensors) are read
+as one stack by a single numpy gather of byte ranges, instead of one tensor object per
+expert. (``safe_open``/``get_slice`` would re-parse the header — ~170 ms for 82k entries on
+the CI box — and build one torch tensor per name, ~20 µs each; see benchmarks/adapter_load.py.)
+``.bin`` files come mmap'd from ``torch.load`` and are sliced with torch indexing.
+
+Ranges are [start, stop); ``None`` means the whole dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lora_cluster.adapters.header import DTYPES, TensorTable
+
+Range = tuple[int, int]
+
+
+def _runs(index: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Split a 1-D index array into runs of equal length m of consecutive values.
+
+    Returns (run starts [k], m), or None when the runs are not all of one length.
+    """
+    if not index.size:
+        return None
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    m = int(breaks[0]) if breaks.size else int(index.size)
+    if index.size % m:
+        return None
+    runs = index.reshape(-1, m)
+    if m > 1 and not np.all(runs[:, 1:] - runs[:, :-1] == 1):
+        return None
+    return runs[:, 0], m
+
+
+class TensorReader:
+    """Reads slices of one adapter file's tensors (see module docstring); a context manager."""
+
+    def __init__(self, table: TensorTable) -> None:
+        self.table = table
+        self.bytes_read = 0
+        self.tensors_read = 0
+        self._buf: np.ndarray | None = None
+        if table.tensors is None:
+            self._buf = np.memmap(table.path, dtype=np.uint8, mode="r")
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        buf, self._buf = self._buf, None
+        mm = getattr(buf, "_mmap", None)
+        del buf
+        if mm is not None:
+            # A caller may still hold a view; then the GC closes the map later.
+            with contextlib.suppress(BufferError):
+                mm.close()
+
+    def _geometry(self, pos: int) -> tuple[int, int, torch.dtype, int, int]:
+        shape = self.table.shapes[pos]
+        if len(shape) != 2:
+            raise ValueError(f"{self.table.names[pos]!r}: expected a 2-D tensor, got {shape}")
+        dtype, size = DTYPES[self.table.dtypes[pos]]
+        return int(shape[0]), int(shape[1]), dtype, size, self.table.data_start + int(
+            self.table.begin[pos])
+
+    def _gather(self, starts: np.ndarray, nbytes: int) -> np.ndarray:
+        """[len(starts), nbytes] uint8: the byte run at each start (one numpy gather)."""
+        assert self._buf is not None
+        self.bytes_read += int(starts.size) * nbytes
+        if starts.size == 1:
+            s = int(starts.reshape(-1)[0])
+            return np.array(self._buf[s: s + nbytes]).reshape(1, nbytes)
+        windows = np.lib.stride_tricks.as_strided(
+            self._buf, shape=(self._buf.shape[0] - nbytes + 1, nbytes), strides=(1, 1))
+        return windows[starts.reshape(-1)]
+
+    def read_stack(self, positions: Sequence[int] | np.ndarray, rows: Range | np.ndarray | None = None,
+                   cols: Range | np.ndarray | None = None) -> torch.Tensor:
+        """[n, rows, cols] from n tensors of one shape and dtype (rows/cols: range or index)."""
+        pos = np.asarray(positions, np.int64).reshape(-1)
+        if self.table.tensors is not None:
+            return self._bin_stack(pos, rows, cols)
+        n_rows, n_cols, dtype, size, _ = self._geometry(int(pos[0]))
+        # Callers stack tensors of one plan-verified shape; sizes and dtypes are re-checked here
+        # in bulk because a stack must never mix them.
+        sizes = self.table.end[pos] - self.table.begin[pos]
+        if np.any(sizes != sizes[0]) or (self.table.uniform_dtype is None and len(
+                {self.table.dtypes[p] for p in pos.tolist()}) != 1):
+            raise ValueError(f"{self.table.path}: stacked tensors differ in shape or dtype")
+        row_idx = _index(rows, n_rows)
+        col_idx = _index(cols, n_cols)
+        begins = self.table.data_start + self.table.begin[pos]
+        run = _runs(col_idx)
+        full_rows = run is not None and run[1] == n_cols and bool(np.all(np.diff(row_idx) == 1))
+        self.tensors_read += int(pos.size)
+        if full_rows:  # whole rows, consecutive: one byte run per tensor
+            start = begins + int(row_idx[0]) * n_cols * size
+            raw = self._gather(start, row_idx.size * n_cols * size)
+        elif run is not None:  # column runs: one byte run per (tensor, row, run)
+            start = begins[:, None, None] + (row_idx[None, :, None] * n_cols
+                                             + run[0][None, None, :]) * size
+            raw = self._gather(start, run[1] * size)
+        else:  # arbitrary columns: one run per element
+            start = begins[:, None, None] + (row_idx[None, :, None] * n_cols
+                                             + col_idx[None, None, :]) * size
+            raw = self._gather(start, size)
+        out = torch.from_numpy(np.ascontiguousarray(raw)).view(dtype)
+        return out.reshape(pos.size, row_idx.size, col_idx.size)
+
+    def read(self, pos: int, rows: Range | np.ndarray | None = None,
+             cols: Range | np.ndarray | None = None) -> torch.Tensor:
+        """One 2-D tensor's [rows, cols] slice."""
+        return self.read_stack([pos], rows, cols)[0]
+
+    def _bin_stack(self, pos: np.ndarray, rows: Range | np.ndarray | None,
+                   cols: Range | np.ndarray | None) -> torch.Tensor:
+        assert self.table.tensors is not None
+        parts = []
+        for p in pos.tolist():
+            t = self.table.tensors[self.table.names[p]]
+            r_idx = torch.from_numpy(_index(rows, t.shape[0]))
+            c_idx = torch.from_numpy(_index(cols, t.shape[1]))
+            part = t.index_select(0, r_idx).index_select(1, c_idx)
+            self.bytes_read += part.numel() * part.element_size()
+            parts.append(part)
+        self.tensors_read += len(parts)
+        return torch.stack(parts)
+
+
+def _index(sel: Range | np.ndarray | None, full: int) -> np.ndarray:
+    if sel is None:
+        return np.arange(full, dtype=np.int64)
+    if isinstance(sel, np.ndarray):
+        return sel.astype(np.int64, copy=False)
+    lo, hi = sel
+    return np.arange(lo, hi, dtype=np.int64)
