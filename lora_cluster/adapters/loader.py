@@ -5,8 +5,8 @@ rank's TP slices and local experts, and convert them to the canonical ``AdapterW
     load_adapter(dir, spec, parallel, name=..., version=..., max_lora_rank=...) -> LoadedAdapter
     load_adapter_weights(...)                                  -> AdapterWeights
 
-Each load logs the plan's one summary warning (ignored modules, skipped embedding copies) on
-the ``lora_cluster.adapters`` logger, once.
+Each load logs the plan's one summary warning (modules the text model does not run, with
+counts per kind and a few examples) on the ``lora_cluster.adapters`` logger, once.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ from lora_cluster.adapters.names import fill_template
 from lora_cluster.adapters.patterns import PatternTable
 from lora_cluster.adapters.targets import FUSED
 from lora_cluster.adapters.validation import NameVerdict
-from lora_cluster.errors import AdapterFormatError, AdapterRankError, AdapterShapeError
+from lora_cluster.errors import (
+    AdapterFormatError,
+    AdapterRankError,
+    AdapterShapeError,
+    UnsupportedAdapterError,
+)
 from lora_cluster.model.spec import ModelSpec
 
 Shape = tuple[int, ...]
@@ -218,7 +223,8 @@ def plan_adapter(config: AdapterConfig, table: TensorTable, verdict: NameVerdict
     p = _Planner(config, table, verdict, spec, max_lora_rank)
     pairs = p.pairs()
     groups = [g for ab in pairs.values() for g in ab]
-    shapes = _shape_sets(table, verdict, groups)
+    shapes = _shape_sets(table, verdict, [*groups, *verdict.embedding_copies])
+    _check_embedding_copies(p, shapes)
     targets: list[TargetPlan] = []
     for module, (a, b) in pairs.items():
         info = verdict.infos[a]
@@ -263,6 +269,19 @@ def _fused_targets(p: _Planner, module: str, a: int, b: int, layers: tuple[int, 
     p.check_shapes(a, shapes[a], _a_shape(e, in_f), ranks, f"{what} lora_A")
     p.check_shapes(b, shapes[b], _b_shape(e, out_f), ranks, f"{what} lora_B")
     return [TargetPlan(kind, "experts_3d", a, b, layers, ranks, key, rows) for kind, rows in parts]
+
+
+def _check_embedding_copies(p: _Planner, shapes: dict[int, set[Shape]]) -> None:
+    """PEFT's saved base embed/lm_head weights are skipped — unless the vocabulary was resized
+    for training, which the served base model cannot follow."""
+    base = (p.spec.vocab_size, p.spec.hidden_size)
+    for g in p.verdict.embedding_copies:
+        if shapes[g] != {base}:
+            raise UnsupportedAdapterError(
+                f"{p.where}: {p.verdict.infos[g].module} was saved with shape "
+                f"{sorted(shapes[g])[0]}, the base model's is {base}: the adapter was trained "
+                "with a resized vocabulary, which is not supported",
+                file=p.table.path, key=p.verdict.example(g))
 
 
 def _refuse_duplicates(path: str, targets: list[TargetPlan]) -> None:

@@ -41,8 +41,8 @@ class NameVerdict:
     layers: IndexTable          # axis 0 of layer-indexed templates
     experts: IndexTable         # axis 1 of per-expert (2D) templates
     ignored: dict[str, int]     # module template → tensor count (not run by the text model)
-    embedding_copies: int       # PEFT's saved base embed_tokens / lm_head weights (skipped)
-    warning: str | None
+    embedding_copies: tuple[int, ...]  # templates of PEFT's saved base embed/lm_head weights
+    warning: str | None         # the one summary of ignored modules (None: nothing ignored)
 
     def target_groups(self) -> list[int]:
         return [g for g, info in enumerate(self.infos) if info.status == "target"]
@@ -142,31 +142,31 @@ def _row(verdict: NameVerdict, group: int, axis: int, value: int) -> np.ndarray:
 
 
 def _warning(where: str, groups: NameGroups, infos: Sequence[TemplateInfo],
-             counts: np.ndarray) -> tuple[dict[str, int], int, str | None]:
+             counts: np.ndarray) -> tuple[dict[str, int], str | None]:
+    """Ignored tensors per module template, and the one warning that summarizes them."""
     ignored_groups = [g for g, info in enumerate(infos) if info.status == "ignored"]
-    copies = [g for g, info in enumerate(infos) if info.status == "embedding_copy"]
     ignored: dict[str, int] = {}
     for g in ignored_groups:
         ignored[infos[g].module] = ignored.get(infos[g].module, 0) + int(counts[g])
-    parts = []
-    if ignored:
-        kinds = ", ".join(f"{module} ({n})" for module, n in ignored.items())
-        parts.append(f"ignoring {sum(ignored.values())} tensors of modules the served text model "
-                     f"does not run — {kinds}; e.g. {_examples(groups, ignored_groups)}")
-    n_copies = int(sum(counts[g] for g in copies))
-    if n_copies:
-        parts.append(f"skipping {n_copies} saved copies of the base embed_tokens/lm_head weights "
-                     "(PEFT's save_embedding_layers; the served base weights are used)")
-    return ignored, n_copies, (f"{where}: " + "; ".join(parts)) if parts else None
+    if not ignored:
+        return ignored, None
+    kinds = ", ".join(f"{module} ({n})" for module, n in ignored.items())
+    return ignored, (f"{where}: ignoring {sum(ignored.values())} tensors of modules the served "
+                     f"text model does not run — {kinds}; e.g. {_examples(groups, ignored_groups)}")
 
 
 def check_names(names: list[str], spec: ModelSpec, *, where: str = "adapter") -> NameVerdict:
-    """Group the names, refuse anything unsupported, and build the one summary warning."""
+    """Group the names, refuse anything unsupported, and build the one summary warning.
+
+    PEFT's saved copies of the base embed_tokens/lm_head weights (``save_embedding_layers``)
+    are neither targets nor ignored modules: the plan checks their shape and skips them.
+    """
     groups = scan_names(names)
     infos = tuple(map(classify_template, groups.templates))
     counts = groups.counts()
     _refuse_unsupported(where, groups, infos, counts)
-    ignored, copies, warning = _warning(where, groups, infos, counts)
+    ignored, warning = _warning(where, groups, infos, counts)
+    copies = tuple(g for g, info in enumerate(infos) if info.status == "embedding_copy")
     g = len(groups.templates)
     verdict = NameVerdict(groups, infos, _index_table(groups, 0, g), _index_table(groups, 1, g),
                           ignored, copies, warning)
