@@ -149,29 +149,28 @@ def bench_meta() -> list[dict[str, Any]]:
 
 
 def sweep_candidates(tokens: int) -> list[cfg.LinearConfig]:
+    """Configs around the first sweep's winners (docs/KERNELS.md)."""
     out: list[cfg.LinearConfig] = []
-    if tokens <= 64:
-        for bk, w, st in ((128, 4, 3), (256, 4, 3), (256, 8, 3), (512, 8, 2)):
-            out += [cfg.FusedConfig(16, bk, 64, cs, w, st) for cs in (4, 8, 16, 32, 64)]
-        for bk in (64, 256):
-            for sk in (8, 16, 32):
-                out += [cfg.SplitConfig(16, bk, sk, bn, cs) for bn, cs in
-                        ((64, 16), (64, 32), (64, 64), (128, 16), (128, 32))]
+    if tokens <= 16:
+        out += [cfg.SplitConfig(16, bk, sk, 64, cs) for bk in (64, 256) for sk in (4, 8, 16)
+                for cs in (32, 64, 96)]
+        out += [cfg.FusedConfig(16, 256, 64, cs, 8, 4) for cs in (32, 64)]
+    elif tokens <= 64:
+        out += [cfg.SplitConfig(16, bk, sk, bn, cs) for bk in (64, 128) for sk in (4, 8, 16)
+                for bn, cs in ((64, 16), (128, 16), (128, 32))]
     elif tokens <= 256:
-        for bm, bk, bn, w in ((16, 128, 64, 4), (32, 128, 64, 4), (32, 64, 128, 4),
-                              (32, 128, 128, 8)):
-            out += [cfg.FusedConfig(bm, bk, bn, cs, w, 3) for cs in (1, 2, 4, 8, 16)]
-        out += [cfg.SplitConfig(32, 64, sk, 128, cs) for sk in (1, 2, 4) for cs in (2, 4, 8)]
+        out += [cfg.SplitConfig(bm, 64, sk, 128, cs) for bm in (16, 32) for sk in (4, 8)
+                for cs in (8, 16)]
+        out += [cfg.FusedConfig(32, 128, 128, cs, 4, 3) for cs in (8, 16)]
     else:
-        for bm, bk, bn, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 64, 128, 8),
-                              (64, 128, 128, 8), (64, 64, 256, 8), (128, 64, 128, 8)):
-            out += [cfg.FusedConfig(bm, bk, bn, cs, w, 3) for cs in (1, 2, 4, 8)]
-        out += [cfg.SplitConfig(64, 64, 1, 128, cs, 4, 8) for cs in (1, 2, 4, 8)]
+        out += [cfg.FusedConfig(bm, bk, 128, cs, w, st) for bm, w in ((32, 4), (64, 4), (64, 8))
+                for bk, st in ((64, 3), (128, 3), (64, 4)) for cs in (2, 4, 8)]
+        out += [cfg.FusedConfig(128, 64, 128, cs, 8, 3) for cs in (1, 2)]
+        out += [cfg.SplitConfig(64, 128, 1, 128, cs, 4, 8) for cs in (4, 8)]
     return out
 
 
-SWEEP_CASES = [(s, 16, t, 32 if t > 1 else 1) for s in SHAPES for t in TOKENS] + [
-    (s, 64, t, 32 if t > 1 else 1) for s in SHAPES for t in (1, 64, 4096)]
+SWEEP_CASES = [(s, r, t, 32 if t > 1 else 1) for s in SHAPES for r in RANKS for t in TOKENS]
 
 
 def _warm_worker(jobs: list[tuple]) -> None:
@@ -197,24 +196,28 @@ def warm_compile(jobs: list[tuple], procs: int) -> None:
 
 
 def sweep(procs: int) -> list[dict[str, Any]]:
-    jobs = [(key, c) for key in SWEEP_CASES for c in sweep_candidates(key[2])]
+    jobs: list[tuple] = [(key, c) for key in SWEEP_CASES
+                         for c in [None, *sweep_candidates(key[2])]]
     t0 = time.time()
     warm_compile(jobs, procs)
     print(f"warm compile of {len(jobs)} jobs: {time.time() - t0:.0f} s", flush=True)
     rows = []
     for key in SWEEP_CASES:
         c = Case(*key)
-        for config in sweep_candidates(key[2]):
+        for config in [None, *sweep_candidates(key[2])]:
             try:
                 us = _bench(c.ours(config), graph=True, rep=5)
             except Exception as exc:
                 print(f"skip {key} {config}: {exc}", flush=True)
                 continue
             rows.append(dict(shape=key[0], rank=key[1], tokens=key[2], adapters=key[3],
-                             config=repr(config), graph_us=us))
+                             config=repr(config) if config else "heuristic", graph_us=us))
         best = min((r for r in rows if (r["shape"], r["rank"], r["tokens"]) == key[:3]),
                    key=lambda r: r["graph_us"], default=None)
-        print("best", key, best and (round(best["graph_us"], 2), best["config"]), flush=True)
+        heur = [r["graph_us"] for r in rows if r["config"] == "heuristic"
+                and (r["shape"], r["rank"], r["tokens"]) == key[:3]]
+        print("best", key, best and (round(best["graph_us"], 2), best["config"]),
+              "heuristic", heur and round(heur[0], 2), flush=True)
     return rows
 
 

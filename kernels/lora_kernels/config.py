@@ -74,34 +74,48 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _row_tile(rows: int) -> int:
-    if rows <= 64:
-        return 16
-    if rows <= 512:
-        return 32
-    return 64
+SMEM_BUDGET = 200 * 1024
 
 
-def _col_splits(n: int, bn: int, tiles: int, target: int) -> int:
-    return max(1, min(-(-n // bn), -(-target // max(1, tiles))))
+def fused_smem(bm: int, bk: int, bn: int, j: int, r_pad: int, stages: int, itemsize: int = 2) -> int:
+    """Rough shared memory of the fused kernel: pipelined x and A tiles plus one B tile."""
+    return stages * (bm + j) * bk * itemsize + r_pad * bn * itemsize
+
+
+def _cols_split(n: int, cols_per_prog: int) -> int:
+    return max(1, cdiv(n, cols_per_prog))
 
 
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
                   num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
-    """Pick the fused or the split path and its tiles for one LoRA linear shape."""
-    j = next_pow2(slices) * rank_pad(rank)
-    bm = _row_tile(rows)
-    # Live tiles for a spread assignment: rows split over at most ``entries`` entries.
-    live = max(1, min(-(-rows // bm) + min(entries, rows) // 2, tile_bound(rows, entries, bm)))
-    if rows <= 16 and j * k >= 64 * 4096:
-        # Each fused program must read a whole A[w] (j·k elements); past a point the
-        # split path, whose programs read a K chunk each, wins at tiny row counts.
-        split_k = max(1, min(32, k // 256))
-        return SplitConfig(bm=16, bk=128, split_k=split_k, bn=64,
-                           col_splits=_col_splits(n, 64, live, 2 * num_sms))
-    bn = 64 if rows <= 64 else 128
-    bk = 128 if rows <= 64 else 64
-    warps = 4 if j * bm <= 64 * 64 else 8
-    return FusedConfig(bm=bm, bk=bk, bn=bn, col_splits=_col_splits(n, bn, live, 2 * num_sms),
-                       warps=warps, stages=3)
+    """Pick the fused or the split path and its tiles for one LoRA linear shape.
+
+    From the H100 sweeps (docs/KERNELS.md): up to a few hundred rows the split path wins,
+    because a fused program must read a whole A[w] (n·R·K elements) by itself while split-K
+    spreads that read over many programs; from ~1k rows x dominates and the fused path,
+    which never writes y, wins.
+    """
+    r_pad = rank_pad(rank)
+    j = next_pow2(slices) * r_pad
+    if rows <= 32:
+        bk = 256 if r_pad <= 16 else 64
+        return SplitConfig(bm=16, bk=bk, split_k=8, bn=64, col_splits=_cols_split(n, 64))
+    if rows <= 128:
+        return SplitConfig(bm=16, bk=64, split_k=8, bn=128 if r_pad <= 16 else 64,
+                           col_splits=_cols_split(n, 256))
+    if rows <= 512:
+        return SplitConfig(bm=32, bk=64, split_k=4, bn=128, col_splits=_cols_split(n, 512))
+    if rows <= 2048:
+        bm, bk, warps, per = (32, 64, 4, 1024) if j <= 16 else (64, 128, 8, 768)
+    elif j <= 16:
+        bm, bk, warps, per = (32, 64, 4, 1024) if r_pad <= 16 else (64, 128, 8, 2048)
+    else:
+        bm, bk, warps, per = (64, 64, 4, 1536) if r_pad <= 16 else (128, 64, 8, 3072)
+    stages = 3
+    while fused_smem(bm, bk, 128, j, r_pad, stages) > SMEM_BUDGET and bk > 32:
+        bk //= 2
+    while fused_smem(bm, bk, 128, j, r_pad, stages) > SMEM_BUDGET and stages > 2:
+        stages -= 1
+    return FusedConfig(bm=bm, bk=bk, bn=128, col_splits=_cols_split(n, per), warps=warps,
+                       stages=stages)

@@ -39,8 +39,9 @@ def embedding_kernel(
                   + offs_r[None, :] * sar)
         y = tl.load(y_ptrs, mask=inside[:, None] & (offs_r[None, :] < R), other=0.0)
         # Rows whose token lies outside this shard add nothing: drop them from the store too.
-        expand_tile(y.to(b_ptr.dtype.element_ty), w, rows, inside, col_lo, col_hi, b_ptr,
-                    out_ptr, H, H, H, H, R, sbw, sbn, sbr, som, son, 1, R_PAD, BN, DOT_PREC)
+        expand_tile(y.to(tl.float32), w, rows, inside, col_lo, col_hi, b_ptr,
+                    out_ptr, H, H, H, H, R, sbw, sbn, sbr, som, son, 1, R_PAD, BN, DOT_PREC,
+                    True)
 
 
 def lora_embedding(out: torch.Tensor, token_ids: torch.Tensor, lora_a: torch.Tensor,

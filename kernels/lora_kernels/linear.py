@@ -52,6 +52,11 @@ def _inner_offsets(slice_offsets: Sequence[int], n_cols: int) -> tuple[int, int,
     return inner[0], inner[1], inner[2]
 
 
+def _aligned(slice_offsets: Sequence[int], bn: int) -> bool:
+    """Whether no BN-wide column block straddles two slices."""
+    return all(int(o) % bn == 0 for o in slice_offsets[1:-1])
+
+
 def _grid_cols(n_cols: int, bn: int, col_splits: int) -> tuple[int, int]:
     per = cfg.round_up(cfg.cdiv(n_cols, col_splits), bn)
     return per, -(-n_cols // per)
@@ -98,7 +103,7 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(w_count),
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
-        DOT_PREC=cfg.dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages,
+        ALIGNED=_aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages,
     )
 
 
@@ -196,5 +201,6 @@ def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, met
         n_cols, o1, o2, o3, rank, n, split_k, per,
         y.stride(0), y.stride(1), y.stride(2), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(lora_b.shape[0]),
-        BM=bm, BN=bn, DOT_PREC=cfg.dot_precision(out.dtype), num_warps=warps,
+        BM=bm, BN=bn, ALIGNED=_aligned(slice_offsets, bn),
+        DOT_PREC=cfg.dot_precision(out.dtype), num_warps=warps,
     )

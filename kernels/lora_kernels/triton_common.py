@@ -49,32 +49,77 @@ def slice_bounds(s, N, o1, o2, o3):
 
 
 @triton.jit
+def block_slice(n0, o1, o2, o3):
+    """Slice of the column block starting at n0 (blocks never straddle slices when aligned)."""
+    return (n0 >= o1).to(tl.int32) + (n0 >= o2).to(tl.int32) + (n0 >= o3).to(tl.int32)
+
+
+@triton.jit
+def add_block(ys, w, rows, m_mask, offs_n, n_mask, b_ptr, out_ptr, R, sbw, sbn, sbr, som, son,
+              R_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``out[rows, offs_n] += ys @ B[w, offs_n, :R]ᵀ`` for one slice's rank block ys [BM, R_PAD]."""
+    offs_r = tl.arange(0, R_PAD)
+    b_ptrs = (b_ptr + w.to(tl.int64) * sbw + offs_r[:, None] * sbr
+              + offs_n.to(tl.int64)[None, :] * sbn)
+    bt = tl.load(b_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * som + offs_n[None, :] * son
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    d = tl.dot(ys, bt, input_precision=DOT_PREC)
+    tl.store(o_ptrs, (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
 def expand_tile(
     y, w, rows, m_mask, col_lo, col_hi,
     b_ptr, out_ptr, N, o1, o2, o3, R,
     sbw, sbn, sbr, som, son,
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """``out[rows, col_lo:col_hi] += y @ B[w, cols, r]ᵀ`` with y's rank rows tied to slices.
 
-    y: [BM, NS_PAD * R_PAD] in the operand dtype; rank row j belongs to slice j // R_PAD,
-    and only meets the columns of its own slice (masked B), so unequal slices share a tile.
+    y: [BM, NS_PAD * R_PAD] float32; rank row j belongs to slice j // R_PAD. ALIGNED (every
+    slice offset a multiple of BN): each column block takes its slice's R_PAD rank rows
+    out of y and meets B[w, block, :R] alone. Otherwise rank rows only meet the columns of
+    their own slice through a masked [J, BN] B tile, so unequal slices still share a tile.
     """
-    J: tl.constexpr = NS_PAD * R_PAD
-    offs_j = tl.arange(0, J)
-    j_slice = offs_j // R_PAD
-    j_r = offs_j % R_PAD
-    b_row = b_ptr + w.to(tl.int64) * sbw + j_r * sbr
-    out_rows = out_ptr + rows.to(tl.int64) * som
-    for n0 in range(col_lo, col_hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        n_mask = offs_n < col_hi
-        n_slice = (offs_n >= o1).to(tl.int32) + (offs_n >= o2).to(tl.int32) + (
-            offs_n >= o3).to(tl.int32)
-        b_mask = (j_slice[:, None] == n_slice[None, :]) & (j_r[:, None] < R) & n_mask[None, :]
-        bt = tl.load(b_row[:, None] + offs_n[None, :].to(tl.int64) * sbn, mask=b_mask, other=0.0)
-        o_ptrs = out_rows[:, None] + offs_n[None, :] * son
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-        d = tl.dot(y, bt, input_precision=DOT_PREC)
-        tl.store(o_ptrs, (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=o_mask)
+    op_ty = b_ptr.dtype.element_ty
+    if ALIGNED:
+        if NS_PAD == 1:
+            y1 = y.to(op_ty)
+        else:
+            y3 = tl.reshape(y, (y.shape[0], NS_PAD, R_PAD))
+            slices = tl.arange(0, NS_PAD)
+        for n0 in range(col_lo, col_hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            n_mask = offs_n < col_hi
+            if NS_PAD == 1:
+                ys = y1
+            else:
+                s = block_slice(n0, o1, o2, o3)
+                ys = tl.sum(tl.where((slices == s)[None, :, None], y3, 0.0), axis=1).to(op_ty)
+            add_block(ys, w, rows, m_mask, offs_n, n_mask, b_ptr, out_ptr, R,
+                      sbw, sbn, sbr, som, son, R_PAD, DOT_PREC)
+    else:
+        J: tl.constexpr = NS_PAD * R_PAD
+        yc = y.to(op_ty)
+        offs_j = tl.arange(0, J)
+        j_slice = offs_j // R_PAD
+        j_r = offs_j % R_PAD
+        b_row = b_ptr + w.to(tl.int64) * sbw + j_r * sbr
+        out_rows = out_ptr + rows.to(tl.int64) * som
+        for n0 in range(col_lo, col_hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            n_mask = offs_n < col_hi
+            n_slice = (offs_n >= o1).to(tl.int32) + (offs_n >= o2).to(tl.int32) + (
+                offs_n >= o3).to(tl.int32)
+            b_mask = ((j_slice[:, None] == n_slice[None, :]) & (j_r[:, None] < R)
+                      & n_mask[None, :])
+            bt = tl.load(b_row[:, None] + offs_n[None, :].to(tl.int64) * sbn, mask=b_mask,
+                         other=0.0)
+            o_ptrs = out_rows[:, None] + offs_n[None, :] * son
+            o_mask = m_mask[:, None] & n_mask[None, :]
+            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+            d = tl.dot(yc, bt, input_precision=DOT_PREC)
+            tl.store(o_ptrs, (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=o_mask)

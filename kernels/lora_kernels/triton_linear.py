@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lora_kernels.triton_common import expand_tile, find_tile, slice_bounds
+from lora_kernels.triton_common import add_block, block_slice, expand_tile, find_tile, slice_bounds
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def fused_lora_kernel(
     sxm, sxk, sas, saw, sar, sak, sbw, sbn, sbr, som, son,
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program: a row tile of one entry × a column range; y stays in registers."""
     w, pos0, rows_left, live = find_tile(
@@ -71,9 +71,8 @@ def fused_lora_kernel(
         x_rows = x_ptr + rows.to(tl.int64) * sxm
         acc = _shrink_acc(x_rows, m_mask, a_rows, need, 0, K, sxk, sak,
                           BM, NS_PAD * R_PAD, BK, EVEN_K, DOT_PREC)
-        y = acc.to(b_ptr.dtype.element_ty)
-        expand_tile(y, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3, R,
-                    sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC)
+        expand_tile(acc, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3, R,
+                    sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC, ALIGNED)
 
 
 @triton.jit
@@ -135,9 +134,12 @@ def expand_kernel(
     N, o1, o2, o3, R, NS, SPLIT_K, cols_per_prog,
     syk, sys, sym, sbw, sbn, sbr, som, son,
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One program: a row tile × a column range; sums the shrink's K partials first."""
+    """One program: a row tile × a column range; sums the shrink's K partials first.
+
+    ALIGNED: each column block reads only its own slice's partials (R_PAD wide).
+    """
     w, pos0, rows_left, live = find_tile(
         tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, False)
     if live:
@@ -146,15 +148,29 @@ def expand_kernel(
         offs_m = tl.arange(0, BM)
         m_mask = offs_m < rows_left
         rows = tl.load(sorted_rows + pos0 + offs_m, mask=m_mask, other=0)
-        J: tl.constexpr = NS_PAD * R_PAD
-        offs_j = tl.arange(0, J)
-        j_slice = offs_j // R_PAD
-        j_r = offs_j % R_PAD
-        y_ptrs = y_ptr + j_slice[None, :] * sys + rows.to(tl.int64)[:, None] * sym + j_r[None, :]
-        y_mask = m_mask[:, None] & (j_slice[None, :] < NS) & (j_r[None, :] < R)
-        acc = tl.zeros((BM, J), dtype=tl.float32)
-        for ks in range(0, SPLIT_K):
-            acc += tl.load(y_ptrs + ks * syk, mask=y_mask, other=0.0)
-        y = acc.to(b_ptr.dtype.element_ty)
-        expand_tile(y, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3, R,
-                    sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC)
+        if ALIGNED:
+            offs_r = tl.arange(0, R_PAD)
+            y_rows = y_ptr + rows.to(tl.int64)[:, None] * sym + offs_r[None, :]
+            y_mask = m_mask[:, None] & (offs_r[None, :] < R)
+            for n0 in range(col_lo, col_hi, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                s = block_slice(n0, o1, o2, o3)
+                acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+                for ks in range(0, SPLIT_K):
+                    acc += tl.load(y_rows + ks * syk + s * sys, mask=y_mask, other=0.0)
+                add_block(acc.to(b_ptr.dtype.element_ty), w, rows, m_mask, offs_n,
+                          offs_n < col_hi, b_ptr, out_ptr, R, sbw, sbn, sbr, som, son,
+                          R_PAD, DOT_PREC)
+        else:
+            J: tl.constexpr = NS_PAD * R_PAD
+            offs_j = tl.arange(0, J)
+            j_slice = offs_j // R_PAD
+            j_r = offs_j % R_PAD
+            y_ptrs = (y_ptr + j_slice[None, :] * sys + rows.to(tl.int64)[:, None] * sym
+                      + j_r[None, :])
+            y_mask = m_mask[:, None] & (j_slice[None, :] < NS) & (j_r[None, :] < R)
+            acc = tl.zeros((BM, J), dtype=tl.float32)
+            for ks in range(0, SPLIT_K):
+                acc += tl.load(y_ptrs + ks * syk, mask=y_mask, other=0.0)
+            expand_tile(acc, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3,
+                        R, sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC, False)

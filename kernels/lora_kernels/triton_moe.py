@@ -13,7 +13,7 @@ import triton.language as tl
 
 from lora_kernels.triton_common import find_tile
 
-_NO_ENTRY = 1 << 30
+_NO_ENTRY = tl.constexpr(1 << 30)
 
 
 @triton.jit
