@@ -34,7 +34,7 @@ def _ranks(tp: int, ep: int, placement: str) -> list[ParallelInfo]:
 def _assemble(spec: ModelSpec, shards: list[tuple[ParallelInfo, AdapterWeights]], key,
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Put one module's per-rank slices back together (and check the replicated parts)."""
-    layer, kind = key
+    _, kind = key
     column = kind in COLUMN_KINDS
     held = [(p, w.modules[key]) for p, w in shards if key in w.modules]
     tp = shards[0][0].tp_size

@@ -124,22 +124,32 @@ class _Planner:
                     f"{self.table.path}: {module} has lora_{have} but no lora_{missing} "
                     f"(e.g. {self.verdict.example(fac[have])})", file=self.table.path, key=module)
             a, b = fac["A"], fac["B"]
-            v = self.verdict
-            same = np.array_equal(v.layers.counts[a], v.layers.counts[b]) and (
-                not v.infos[a].indexed_by_expert or self._expert_pairs_equal(a, b))
-            if not same:
+            unpaired = self._unpaired(a, b)
+            if unpaired is not None:
+                name, lacks = unpaired
                 raise AdapterFormatError(
-                    f"{self.table.path}: {module}: lora_A and lora_B exist for different "
-                    "layers/experts", file=self.table.path, key=module)
+                    f"{self.table.path}: {name} has no matching lora_{lacks} (lora_A and lora_B "
+                    f"of {module} must exist for the same layers/experts)",
+                    file=self.table.path, key=name)
             out[module] = (a, b)
         return out
 
-    def _expert_pairs_equal(self, a: int, b: int) -> bool:
-        return bool(np.array_equal(self._expert_codes(a), self._expert_codes(b)))
+    def _unpaired(self, a: int, b: int) -> tuple[str, str] | None:
+        """(a tensor of A or B whose module lacks the other factor, that factor), or None.
 
-    def _expert_codes(self, g: int) -> np.ndarray:
-        idx = self.verdict.groups.indices[self.verdict.groups.positions(g)]
-        return np.sort(idx[:, 0] * (self.spec.num_experts + 1) + idx[:, 1])
+        Index tuples are compared as sorted int64 codes (numpy), not as Python sets."""
+        groups = self.verdict.groups
+        k = groups.templates[a].count("*")
+        rows = {g: groups.indices[groups.positions(g)][:, :k] for g in (a, b)}
+        base = int(max(int(r.max(initial=0)) for r in rows.values())) + 1
+        weights = base ** np.arange(k, dtype=np.int64)
+        codes = {g: np.sort(r @ weights) for g, r in rows.items()}
+        if np.array_equal(codes[a], codes[b]):
+            return None
+        g, other = (a, b) if np.setdiff1d(codes[a], codes[b]).size else (b, a)
+        code = int(np.setdiff1d(codes[g], codes[other])[0])
+        values = [(code // base**j) % base for j in range(k)]
+        return fill_template(groups.templates[g], values), "B" if g == a else "A"
 
     # ---- ranks ----------------------------------------------------------------------
     def rank_scale(self, module: str, a_group: int) -> RankScale:
