@@ -133,7 +133,7 @@ class FakeGroup:
 def fake_inspect(monkeypatch):
     calls: list[str] = []
 
-    def inspect(source, spec, config):
+    def inspect(name, source, spec, config):
         calls.append(source)
         if source.startswith("missing"):
             raise AdapterNotFoundError(f"{source}: no such directory")

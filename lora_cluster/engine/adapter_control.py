@@ -1,9 +1,11 @@
 """The controller's adapter side: registry, tier decisions, and the commands that mirror them.
 
-Every decision (which version goes to which slot, what leaves the host cache) is recorded in
-``Residency`` only after every rank executed the matching command, so the controller's view
-equals each rank's. Also the scheduler's ``SlotProvider``: a sequence binds the current
-version of its adapter at first admission and keeps it until it finishes.
+Tier decisions come from ``adapters.AdapterTiers`` (LRU at both tiers, in-flight refs, pins),
+keyed by adapter *version* so an old version can stay resident beside a new one. Each
+decision is sent to every rank right away, and undone in the tiers if a rank refuses it, so
+the controller's view equals each rank's. Also the scheduler's ``SlotProvider``: a sequence
+binds the current version of its adapter at first admission and keeps it until it finishes;
+an old version that bound sequences still use is held (a tier pin) until the last finishes.
 
 Locking (owned by ``ControllerCore``): ``exec_lock`` serializes everything sent to the ranks
 (steps and adapter commands: an adapter never changes in the middle of a step); ``lock``
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from lora_cluster.adapters import AdapterTiers, FailedLoads
 from lora_cluster.api_types import AdapterInfo
 from lora_cluster.api_types import Residency as ResidencyName
 from lora_cluster.config import ClusterConfig
@@ -31,8 +34,7 @@ from lora_cluster.engine.messages import (
     RankReply,
     UpdateAdapter,
 )
-from lora_cluster.engine.registry import AdapterMeta, AdapterRecord, FailedLoads
-from lora_cluster.engine.residency import Residency
+from lora_cluster.engine.registry import AdapterMeta, AdapterRecord
 from lora_cluster.errors import (
     AdapterError,
     CapacityError,
@@ -44,6 +46,11 @@ from lora_cluster.errors import (
 from lora_cluster.model.spec import ModelSpec
 
 SendAll = Callable[[Callable[[int], AdapterCommand]], tuple[RankReply, ...]]
+
+
+def tier_id(key: AdapterKey) -> str:
+    """The tiers' name for one adapter version."""
+    return f"{key[0]}@v{key[1]}"
 
 
 def _first_error(replies: tuple[RankReply, ...]) -> LoRAClusterError | None:
@@ -65,8 +72,10 @@ class AdapterControl:
         self._send_all = send_all
         self.records: dict[str, AdapterRecord] = {}
         self.loading: dict[str, AdapterRecord | None] = {}
-        self.residency = Residency(config.max_loras, config.max_cpu_loras)
+        self.tiers = AdapterTiers(config.max_loras, config.max_cpu_loras)
         self.failed = FailedLoads(config.failed_load_ttl_s)
+        self.failures_by_cause: Counter[str] = Counter()
+        self.keys: dict[str, AdapterKey] = {}  # tier id → version, for every live version
         self.paths: dict[AdapterKey, str] = {}  # every live version's source directory
         self.bound: Counter[AdapterKey] = Counter()
         self._versions: dict[str, int] = {}
@@ -80,7 +89,15 @@ class AdapterControl:
         if not isinstance(source, str) or not source:
             raise RequestError(f"source: adapter {name!r} needs a source path or hub id",
                                field="source")
-        return inspect_adapter(source, self.spec, self.config)
+        return inspect_adapter(name, source, self.spec, self.config)
+
+    def remember_failure(self, name: str, source: str, err: LoRAClusterError) -> None:
+        self.failures_by_cause[err.code] += 1
+        self.failed.record(f"{name}\0{source}", err)
+
+    def check_failed(self, name: str, source: str) -> None:
+        """Re-raise a recent failure of the same load (fail fast for ``failed_load_ttl_s``)."""
+        self.failed.check(f"{name}\0{source}")
 
     def next_version(self, name: str) -> int:
         """Versions never repeat for a name, so an old one can stay resident beside a new one."""
@@ -96,8 +113,17 @@ class AdapterControl:
             raise err
         return [r.result for r in replies]
 
+    def _drop_on_ranks(self, key: AdapterKey) -> None:
+        self._run(lambda seq: DropAdapter(seq=seq, name=key[0], version=key[1]))
+
     def load_locked(self, key: AdapterKey, path: str, *, update: bool = False) -> list[LoadResult]:
-        """Read ``key`` into every rank's host cache (room must exist); atomic across ranks."""
+        """Admit ``key`` to the host tier (dropping LRU victims) and read it on every rank,
+        all or nothing. CapacityError when every host entry is held."""
+        tid = tier_id(key)
+        for victim in self.tiers.admit_host(tid):
+            self._drop_on_ranks(self.keys[victim])
+            self._forget_if_dead(self.keys[victim])
+        self.keys[tid] = key
         name, version = key
         if update:
             replies = self._send_all(lambda seq: UpdateAdapter(seq=seq, name=name, version=version,
@@ -108,51 +134,60 @@ class AdapterControl:
         err = _first_error(replies)
         if err is not None:
             # Ranks that succeeded drop their copy again: all or nothing.
-            self._run(lambda seq: DropAdapter(seq=seq, name=name, version=version))
+            self.tiers.remove(tid)
+            self._drop_on_ranks(key)
+            self._forget_if_dead(key)
             raise err
-        self.residency.added_to_host(key)
         self.paths[key] = path
         return [r.result for r in replies if isinstance(r.result, LoadResult)]
 
-    def drop_locked(self, key: AdapterKey, *, evicted: bool = True) -> None:
-        self._run(lambda seq: DropAdapter(seq=seq, name=key[0], version=key[1]))
-        self.residency.dropped(key, evicted=evicted)
+    def _place_locked(self, key: AdapterKey) -> int:
+        """Give host-resident ``key`` a device slot (CapacityError if every slot is held)."""
+        tid = tier_id(key)
+        hit = self.tiers.slot_of(tid) is not None
+        placement = self.tiers.acquire(tid)  # a hit only refreshes its LRU position
+        if hit:
+            return placement.slot
+        try:
+            self._run(lambda seq: PlaceAdapter(seq=seq, name=key[0], version=key[1],
+                                               slot=placement.slot))
+        except LoRAClusterError:
+            self.tiers.evict_device(tid)
+            raise
+        return placement.slot
+
+    def _forget_if_dead(self, key: AdapterKey) -> None:
+        """Forget the path of a version nothing will ever load again."""
         if not self._is_current(key) and not self.bound[key]:
             self.paths.pop(key, None)
-
-    def make_host_room_locked(self) -> bool:
-        """Drop LRU versions until one more fits; False when everything left is held."""
-        while self.residency.host_full():
-            victim = self.residency.host_victim()
-            if victim is None:
-                return False
-            self.drop_locked(victim)
-        return True
-
-    def place_locked(self, key: AdapterKey, slot: int) -> None:
-        self._run(lambda seq: PlaceAdapter(seq=seq, name=key[0], version=key[1], slot=slot))
-        self.residency.placed(key, slot)
-
-    def flush_drops_locked(self) -> None:
-        """Drop old versions whose last sequence finished (queued by ``unbind``)."""
-        drops, self._pending_drops = self._pending_drops, []
-        for key in drops:
-            if not self.bound[key] and not self._is_current(key):
-                self.residency.protected.discard(key)
-                if self.residency.on_host(key):
-                    self.drop_locked(key, evicted=False)
-                self.paths.pop(key, None)
+            self.keys.pop(tier_id(key), None)
 
     def _is_current(self, key: AdapterKey) -> bool:
         rec = self.records.get(key[0])
         return rec is not None and rec.version == key[1]
 
+    def flush_drops_locked(self) -> None:
+        """Drop old versions whose last sequence finished (queued by ``unbind``)."""
+        drops, self._pending_drops = self._pending_drops, []
+        for key in drops:
+            if self.bound[key] or self._is_current(key):
+                continue
+            tid = tier_id(key)
+            self.tiers.unpin(tid)
+            if self.tiers.in_host(tid):
+                self.tiers.remove(tid)
+                self._drop_on_ranks(key)
+            self._forget_if_dead(key)
+
     def retire_locked(self, key: AdapterKey) -> None:
         """``key`` is no longer current: drop it now, or once its last sequence finishes."""
-        self.residency.user_pinned.discard(key)
+        tid = tier_id(key)
         if self.bound[key]:
-            self.residency.protected.add(key)
+            # Held until then: its source may already hold other weights.
+            if self.tiers.in_host(tid):
+                self.tiers.pin(tid)
         else:
+            self.tiers.unpin(tid)
             self._pending_drops.append(key)
             self.flush_drops_locked()
 
@@ -167,34 +202,28 @@ class AdapterControl:
             key = rec.key
         else:
             key = bound
-        slot = self.residency.slot_of(key)
-        if slot is None:
-            if self.residency.slots_all_user_pinned_except(key):
+        tid = tier_id(key)
+        if self.tiers.slot_of(tid) is None:
+            slots = self.tiers.device_slots()
+            if all(s is not None and self.tiers.is_pinned(s) for s in slots):
                 raise CapacityError(
                     f"adapter {name!r}: every device slot ({self.config.max_loras}) is held by "
                     f"pin_adapter; unpin one to serve other adapters", name=name)
-            slot = self.residency.free_slot()
-            if slot is None:
-                return None  # every slot is pinned by running sequences: wait
-            self.residency.device_counters.misses += 1
-            if not self.residency.on_host(key):
-                self.residency.host_counters.misses += 1
-                if not self.make_host_room_locked():
-                    return None
-                self._reload_locked(key)
-            else:
-                self.residency.host_counters.hits += 1
-            self.place_locked(key, slot)
-        else:
-            self.residency.device_counters.hits += 1
-        self.residency.pin(key)
-        self.residency.touch(key)
+            if not any(s is None or not self.tiers.held(s) for s in slots):
+                return None  # every slot serves running sequences: wait for one to finish
+            if not self.tiers.in_host(tid):
+                try:
+                    self._reload_locked(key)
+                except CapacityError:
+                    return None  # the host cache is full of held versions: wait
+        slot = self._place_locked(key)
+        self.tiers.retain(tid)
         if bound is None:
             self.bound[key] += 1
         return key, slot
 
     def release(self, key: AdapterKey) -> None:
-        self.residency.unpin(key)
+        self.tiers.release(tier_id(key))
 
     def unbind(self, key: AdapterKey) -> None:
         self.bound[key] -= 1
@@ -205,59 +234,54 @@ class AdapterControl:
                 self._pending_drops.append(key)
 
     def _reload_locked(self, key: AdapterKey) -> None:
-        """Bring a version back from its source after LRU eviction (transparent to callers)."""
+        """Bring a version (back) from its source into the host tier, recording the outcome."""
         rec = self.records.get(key[0])
+        current = rec is not None and rec.version == key[1]
         start = time.perf_counter()
         try:
             results = self.load_locked(key, self.paths[key])
-        except LoRAClusterError as err:
-            if rec is not None and rec.version == key[1]:
+        except AdapterError as err:
+            if current and rec is not None:
                 rec.error = f"reload failed: {err}"
             raise
-        if rec is not None and rec.version == key[1]:
+        if current and rec is not None:
             rec.record_load(results, (time.perf_counter() - start) * 1e3)
 
     def ensure_device_locked(self, key: AdapterKey) -> int:
-        """Make ``key`` device-resident now (pin_adapter); CapacityError if no slot can be had."""
-        slot = self.residency.slot_of(key)
-        if slot is not None:
-            return slot
-        slot = self.residency.free_slot()
-        if slot is None or (not self.residency.on_host(key) and not self.make_host_room_locked()):
-            raise CapacityError(
-                f"adapter {key[0]!r}: no device slot can be freed (all {self.config.max_loras} "
-                f"are pinned by running requests or pin_adapter)", name=key[0])
-        if not self.residency.on_host(key):
+        """Make ``key`` device-resident now (pin_adapter); CapacityError if impossible."""
+        if not self.tiers.in_host(tier_id(key)):
             self._reload_locked(key)
-        self.place_locked(key, slot)
-        return slot
+        return self._place_locked(key)
+
+    def pin_locked(self, key: AdapterKey) -> None:
+        self.ensure_device_locked(key)
+        self.tiers.pin(tier_id(key))
 
     def restore_locked(self) -> None:
-        """After a rank-group restart: reload every host version and re-place device ones."""
-        host = list(self.residency.host_lru)
-        device = dict(self.residency.device_lru)
-        user_pinned = set(self.residency.user_pinned)
-        for key in host:
-            self.residency.dropped(key, evicted=False)
-            self.residency.protected.discard(key)
+        """After a rank-group restart (fresh, empty ranks): reload what was host-resident, in
+        LRU order, re-place what was on the device, and re-apply pins."""
+        old = self.tiers
+        host = [self.keys[t] for t in old.host_names()]
+        device = {self.keys[t] for t in old.device_slots() if t is not None}
+        pinned = {self.keys[t] for t in old.host_names() if old.is_pinned(t)}
+        self.tiers = AdapterTiers(self.config.max_loras, self.config.max_cpu_loras)
+        self.tiers.device_stats, self.tiers.host_stats = old.device_stats, old.host_stats
         for key in host:
             try:
                 self._reload_locked(key)
             except AdapterError:
                 continue  # its source went bad: recorded on the adapter, retried on next use
             if key in device:
-                self.place_locked(key, device[key])
-        self.residency.user_pinned = user_pinned
-        for key in self.bound:
-            if not self._is_current(key):
-                self.residency.protected.add(key)
+                self._place_locked(key)
+            if key in pinned:
+                self.tiers.pin(tier_id(key))
 
     # ---------------------------------------------------------------- views
     def residency_of(self, rec: AdapterRecord) -> ResidencyName:
-        key = rec.key
-        if self.residency.slot_of(key) is not None:
+        tid = tier_id(rec.key)
+        if self.tiers.slot_of(tid) is not None:
             return "device"
-        if self.residency.on_host(key):
+        if self.tiers.in_host(tid):
             return "host"
         return "failed" if rec.error else "registered"
 
@@ -280,7 +304,9 @@ class AdapterControl:
                        "load_breakdown_ms": dict(rec.load_breakdown_ms)}
             for rec in self.records.values()
         }
-        return {"adapters": per_adapter, "tiers": self.residency.stats(),
-                "failed_loads_by_cause": dict(self.failed.by_cause),
-                "old_versions_in_use": {f"{k[0]}@v{k[1]}": n for k, n in self.bound.items()
+        return {"adapters": per_adapter,
+                "tiers": {**self.tiers.stats(), "device_slots": self.tiers.device_slots(),
+                          "host_lru": self.tiers.host_names()},
+                "failed_loads_by_cause": dict(self.failures_by_cause),
+                "old_versions_in_use": {tier_id(k): n for k, n in self.bound.items()
                                         if not self._is_current(k)}}

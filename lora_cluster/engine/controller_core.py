@@ -25,7 +25,7 @@ from typing import Any
 
 from lora_cluster.api_types import AdapterInfo, GenerationResult
 from lora_cluster.config import ClusterConfig, SamplingParams
-from lora_cluster.engine.adapter_control import AdapterControl
+from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
 from lora_cluster.engine.rank_group import RankGroup
@@ -36,7 +36,6 @@ from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerCon
 from lora_cluster.engine.sequence import Sequence as Seq
 from lora_cluster.engine.tokenizer import Tokenizer
 from lora_cluster.errors import (
-    CapacityError,
     ClusterError,
     LoRAClusterError,
     RequestError,
@@ -91,7 +90,7 @@ class ControllerCore:
         registry unchanged, and is remembered for ``failed_load_ttl_s``.
         """
         source = str(source)
-        self.adapters.failed.check(name, source)
+        self.adapters.check_failed(name, source)
         with self._cv:
             self._check_open()
             self._cv.wait_for(lambda: name not in self.adapters.loading)
@@ -109,15 +108,13 @@ class ControllerCore:
                 key = (name, self.adapters.next_version(name))
                 rec = AdapterRecord(name=name, source=source, path=path, meta=meta, version=key[1])
                 self.adapters.loading[name] = rec
-                if not self.adapters.make_host_room_locked():
-                    raise _host_full(name, self.config.max_cpu_loras)
                 start = time.perf_counter()
                 results = self.adapters.load_locked(key, path)
                 rec.record_load(results, (time.perf_counter() - start) * 1e3)
                 self.adapters.records[name] = rec
                 return rec.info(self.adapters.residency_of(rec))
         except LoRAClusterError as err:
-            self.adapters.failed.remember(name, source, err)
+            self.adapters.remember_failure(name, source, err)
             raise
         finally:
             with self._cv:
@@ -138,8 +135,6 @@ class ControllerCore:
             if rec is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
             new_key = (name, self.adapters.next_version(name))
-            if not self.adapters.make_host_room_locked():
-                raise _host_full(name, self.config.max_cpu_loras)
             start = time.perf_counter()
             results = self.adapters.load_locked(new_key, path, update=True)
             old_key = rec.key
@@ -147,8 +142,7 @@ class ControllerCore:
             rec.record_load(results, (time.perf_counter() - start) * 1e3)
             self.adapters.retire_locked(old_key)
             if rec.pinned:
-                self.adapters.ensure_device_locked(new_key)
-                self.adapters.residency.user_pinned.add(new_key)
+                self.adapters.pin_locked(new_key)
             return rec.info(self.adapters.residency_of(rec))
 
     def evict_adapter(self, name: str) -> None:
@@ -157,22 +151,21 @@ class ControllerCore:
             rec = self.adapters.records.pop(name, None)
             if rec is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
-            self.adapters.failed.forget(name)
+            self.adapters.failed.forget(f"{name}\0{rec.source}")
             self.adapters.retire_locked(rec.key)
 
     def pin_adapter(self, name: str) -> None:
         """Keep ``name`` in a device slot until ``unpin_adapter`` (loads it there now)."""
         with self._exec, self._lock:
             rec = self._record(name)
-            self.adapters.ensure_device_locked(rec.key)
-            self.adapters.residency.user_pinned.add(rec.key)
+            self.adapters.pin_locked(rec.key)
             rec.pinned = True
 
     def unpin_adapter(self, name: str) -> None:
         """Let LRU evict ``name`` again."""
         with self._lock:
             rec = self._record(name)
-            self.adapters.residency.user_pinned.discard(rec.key)
+            self.adapters.tiers.unpin(tier_id(rec.key))
             rec.pinned = False
 
     def list_adapters(self) -> list[AdapterInfo]:
@@ -401,11 +394,6 @@ class ControllerCore:
             self._thread.join()
         with self._exec:
             self.group.close()
-
-
-def _host_full(name: str, capacity: int) -> LoRAClusterError:
-    return CapacityError(f"adapter {name!r}: the host cache ({capacity} adapters) is full of "
-                         f"adapters pinned by running requests or pin_adapter", name=name)
 
 
 def _per_prompt(value: Any, count: int, what: str) -> list[Any]:

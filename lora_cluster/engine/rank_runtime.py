@@ -210,7 +210,8 @@ class RankRuntime:
         start = time.perf_counter()
         self._clear_slot(cmd.slot)
         try:
-            self.model.set_lora_slot(cmd.slot, weights)
+            # SlotWeights declares settable attributes; frozen AdapterWeights fits it at run time.
+            self.model.set_lora_slot(cmd.slot, weights)  # type: ignore[arg-type]
         except LoRAClusterError:
             self.model.clear_lora_slot(cmd.slot)
             raise

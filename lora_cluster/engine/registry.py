@@ -6,13 +6,11 @@ record's own loading / failed flags, so the two can never disagree.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 from lora_cluster.api_types import AdapterInfo, Residency
 from lora_cluster.engine.messages import AdapterKey, LoadResult
-from lora_cluster.errors import LoRAClusterError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,36 +61,3 @@ class AdapterRecord:
             pinned=self.pinned, bytes_per_rank=self.bytes_per_rank, load_ms=self.load_ms,
             load_breakdown_ms=self.load_breakdown_ms, error=self.error,
         )
-
-
-class FailedLoads:
-    """Remembers recent load failures per (name, source) so repeats fail fast (thread-safe)."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._failures: dict[tuple[str, str], tuple[float, LoRAClusterError]] = {}
-        self.by_cause: dict[str, int] = {}
-
-    def check(self, name: str, source: str) -> None:
-        """Raise the remembered error if this load failed less than ``ttl_s`` ago."""
-        with self._lock:
-            hit = self._failures.get((name, source))
-            if hit is None:
-                return
-            expires, err = hit
-            if time.monotonic() >= expires:
-                del self._failures[(name, source)]
-                return
-        raise err
-
-    def remember(self, name: str, source: str, err: LoRAClusterError) -> None:
-        with self._lock:
-            self.by_cause[err.code] = self.by_cause.get(err.code, 0) + 1
-            if self.ttl_s > 0:
-                self._failures[(name, source)] = (time.monotonic() + self.ttl_s, err)
-
-    def forget(self, name: str) -> None:
-        with self._lock:
-            for key in [k for k in self._failures if k[0] == name]:
-                del self._failures[key]
