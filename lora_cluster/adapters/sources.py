@@ -15,6 +15,7 @@ are fetched into the HF cache, adapter files only); offline mode (``HF_HUB_OFFLI
 from __future__ import annotations
 
 import copy
+import os
 import re
 import threading
 import time
@@ -51,7 +52,9 @@ def _from_hub(source: str, cache_dir: str | Path | None, offline: bool | None) -
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     repo_id, _, revision = source.partition("@")
-    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    local_only = offline if offline is not None else (
+        constants.HF_HUB_OFFLINE
+        or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"))
     try:
         path = snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir,
                                  allow_patterns=HUB_PATTERNS, local_files_only=local_only)
