@@ -240,3 +240,48 @@ def test_refusals_leave_the_core_serving(fixture_cache, qwen3_moe_dir, qwen3_ada
             assert [r.token_ids for r in after] == [r.token_ids for r in before], fault
     finally:
         core.shutdown()
+
+
+def test_preemption_under_a_small_kv_cache_keeps_outputs(qwen3_moe_dir, qwen3_adapters):
+    names = [*qwen3_adapters, None]
+    # 12 blocks of 4 tokens: the six requests cannot all hold their KV at once.
+    core = make_core(qwen3_moe_dir, block_size=4, kv_cache_bytes=13 * 4096)
+    try:
+        assert core.context_limit == 48
+        for name, path in qwen3_adapters.items():
+            core.load_adapter(name, str(path))
+        batch = [names[i % len(names)] for i in range(len(PROMPTS))]
+        results = core.generate(PROMPTS, batch, GREEDY)
+        assert core.stats()["num_preemptions"] > 0
+        for prompt, name, res in zip(PROMPTS, batch, results):
+            assert list(res.token_ids) == oracle_greedy(
+                qwen3_moe_dir, qwen3_adapters.get(name), prompt, MAX_TOKENS, stop_at_eos=False)
+    finally:
+        core.shutdown()
+
+
+def test_rank_failure_mid_batch_recovers_with_same_tokens(qwen3_moe_dir, qwen3_adapters):
+    names = [*qwen3_adapters, None]
+    batch = [names[i % len(names)] for i in range(len(PROMPTS))]
+    core = make_core(qwen3_moe_dir, max_loras=2)
+    try:
+        for name, path in qwen3_adapters.items():
+            core.load_adapter(name, str(path))
+        want = core.generate(PROMPTS, batch, GREEDY)
+        runtime = core.group.runtime  # type: ignore[attr-defined]
+        real, calls = runtime.execute, []
+
+        def dies_on_third_step(command):
+            calls.append(command)
+            if len(calls) == 3:
+                raise RuntimeError("simulated rank crash")
+            return real(command)
+
+        runtime.execute = dies_on_third_step
+        got = core.generate(PROMPTS, batch, GREEDY)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert core.group.runtime is not runtime  # type: ignore[attr-defined]
+        assert core.stats()["rank_group_restarts"] == 1
+        assert {i.residency for i in core.list_adapters()} <= {"host", "device"}
+    finally:
+        core.shutdown()

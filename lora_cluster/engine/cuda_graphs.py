@@ -51,6 +51,7 @@ class DecodeGraphs:
         # Set once the last host→device copy has left the pinned staging buffer: a rank that
         # does not sample never waits on the device otherwise and could overwrite it early.
         self._copied: torch.cuda.Event | None = None
+        self.replays = 0
 
     def _unpack(self, b: int) -> ForwardBatch:
         """The batch as views/casts of the packed buffer (runs inside the captured region)."""
@@ -122,4 +123,5 @@ class DecodeGraphs:
         self._copied.record()
         graph, out = self._graphs[b]
         graph.replay()
+        self.replays += 1
         return out[:n]

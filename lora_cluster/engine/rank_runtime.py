@@ -245,6 +245,8 @@ class RankRuntime:
             "host_cache": {f"{k[0]}@v{k[1]}": {"bytes": r.nbytes, "load_ms": dict(r.breakdown_ms)}
                            for k, r in self.load_stats.items()},
             "live_sequences": self.runner.num_live_seqs,
+            "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
+            "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "steps": self.steps,
         }
 
