@@ -70,7 +70,7 @@ class ControllerCore:
             num_blocks=self.group_info.num_kv_blocks, block_size=self.group_info.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            context_limit=self.context_limit, eos_token_ids=spec.eos_token_ids,
+            context_limit=self.context_limit, eos_token_ids=_eos_ids(spec, tokenizer),
             watermark_blocks=self.group_info.num_kv_blocks // 100), self.adapters)
         self._handles: dict[int, tuple[Seq, RequestHandle]] = {}
         self._counters: collections.Counter[str] = collections.Counter()
@@ -394,6 +394,13 @@ class ControllerCore:
             self._thread.join()
         with self._exec:
             self.group.close()
+
+
+def _eos_ids(spec: ModelSpec, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The model config's EOS ids; the tokenizer's when the config names none."""
+    if spec.eos_token_ids or tokenizer is None:
+        return spec.eos_token_ids
+    return tokenizer.eos_token_ids
 
 
 def _per_prompt(value: Any, count: int, what: str) -> list[Any]:
