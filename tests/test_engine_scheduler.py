@@ -330,3 +330,24 @@ def test_abort_and_preempt_all_release_everything():
     ranks = FakeRanks(4)  # a rebuilt group starts empty
     run_to_end(sched, ranks)
     assert b.output_ids == expected_tokens([3], 8)
+
+
+def test_preempted_sequence_keeps_its_bound_adapter_version():
+    sched, slots, ranks = make(num_blocks=3, block_size=4, max_num_seqs=4)
+    calls = []
+    acquire = slots.acquire
+
+    def spy(name, bound):
+        calls.append((name, bound))
+        return acquire(name, bound)
+
+    slots.acquire = spy
+    a, b = seq([1, 2, 3], max_tokens=6, adapter="x"), seq([10, 11, 12], max_tokens=6, adapter="y")
+    sched.add(a)
+    sched.add(b)
+    run_to_end(sched, ranks)
+    assert b.num_preemptions >= 1
+    # First admission binds (bound None); every resume passes the version bound then.
+    assert calls[:2] == [("x", None), ("y", None)]
+    assert all(bound == ("y", 1) for name, bound in calls[2:] if name == "y") and len(calls) > 2
+    assert +slots.bound == Counter() and +slots.pins == Counter()

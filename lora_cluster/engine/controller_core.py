@@ -45,6 +45,7 @@ from lora_cluster.model.spec import ModelSpec
 
 Prompt = str | Sequence[int]
 _IDLE_WAIT_S = 0.05  # re-check interval when work exists but nothing can run yet
+_RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing window
 
 
 class ControllerCore:
@@ -322,7 +323,7 @@ class ControllerCore:
         self._counters["generated_tokens"] += sampled
         self._counters["computed_tokens"] += step.plan.num_tokens
         self._window.append((now, sampled))
-        while self._window and now - self._window[0][0] > 10.0:
+        while self._window and now - self._window[0][0] > _RATE_WINDOW_S:
             self._window.popleft()
 
     def _publish(self, events: list[SeqEvent]) -> None:
@@ -367,13 +368,16 @@ class ControllerCore:
         """Slots, cache, load times, tokens/s, queue depth, per-adapter request counts."""
         with self._lock:
             now = time.monotonic()
-            span = now - self._window[0][0] if len(self._window) > 1 else 0.0
+            while self._window and now - self._window[0][0] > _RATE_WINDOW_S:
+                self._window.popleft()
+            # Tokens sampled over the last window (idle time included), per second.
+            span = now - self._window[0][0] if self._window else 0.0
             recent = sum(n for _, n in self._window)
             out: dict[str, Any] = dict(self.adapters.stats())
             out.update(self.scheduler.stats())
             out.update({
                 "queue_depth": len(self.scheduler.waiting),
-                "tokens_per_s": recent / span if span > 0 else 0.0,
+                "tokens_per_s": recent / max(span, 1e-3) if recent else 0.0,
                 "uptime_s": now - self._started,
                 "context_limit": self.context_limit,
                 "world_size": self.group_info.world_size,
