@@ -7,7 +7,7 @@ their thresholds come from the H100 sweeps recorded in docs/KERNELS.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -86,36 +86,48 @@ def _cols_split(n: int, cols_per_prog: int) -> int:
     return max(1, cdiv(n, cols_per_prog))
 
 
+def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
+    if rows <= 16:
+        return SplitConfig(bm=16, bk=256 if j <= 64 else 64, split_k=8 if j <= 64 else 16,
+                           bn=64, col_splits=_cols_split(n, 64))
+    if rows <= 128:
+        return SplitConfig(bm=16, bk=128, split_k=8 if j <= 64 else 4, bn=128, col_splits=32)
+    if rows <= 512:
+        return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16)
+    if j <= 64 and (rows <= 2048 or slices > 1):
+        return SplitConfig(bm=64, bk=128, split_k=1, bn=128, col_splits=8, expand_warps=8)
+    return None
+
+
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
                   num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
     """Pick the fused or the split path and its tiles for one LoRA linear shape.
 
-    From the H100 sweeps (docs/KERNELS.md): up to a few hundred rows the split path wins,
-    because a fused program must read a whole A[w] (n·R·K elements) by itself while split-K
-    spreads that read over many programs; from ~1k rows x dominates and the fused path,
-    which never writes y, wins.
+    From the H100 sweeps (docs/KERNELS.md): up to ~2k rows the split path wins, because a
+    fused program must read a whole A[w] (n·R·K elements) by itself while split-K spreads
+    that read over many programs and the expand then streams the output with small y
+    tiles; at 4k rows the fused path, which never writes y, wins for single-slice layers
+    and for rank-64 multi-slice ones. ``entries`` and ``num_sms`` are kept for tuning on
+    other cards.
     """
     r_pad = rank_pad(rank)
     j = next_pow2(slices) * r_pad
-    if rows <= 32:
-        bk = 256 if r_pad <= 16 else 64
-        return SplitConfig(bm=16, bk=bk, split_k=8, bn=64, col_splits=_cols_split(n, 64))
-    if rows <= 128:
-        return SplitConfig(bm=16, bk=64, split_k=8, bn=128 if r_pad <= 16 else 64,
-                           col_splits=_cols_split(n, 256))
-    if rows <= 512:
-        return SplitConfig(bm=32, bk=64, split_k=4, bn=128, col_splits=_cols_split(n, 512))
-    if rows <= 2048:
-        bm, bk, warps, per = (32, 64, 4, 1024) if j <= 16 else (64, 128, 8, 768)
-    elif j <= 16:
-        bm, bk, warps, per = (32, 64, 4, 1024) if r_pad <= 16 else (64, 128, 8, 2048)
+    split = _choose_split(rows, n, j, slices)
+    if split is not None:
+        # Large ranks: shrink the K tile until the pipelined x and A tiles fit.
+        bk = split.bk
+        while (split.bm + j) * bk * 2 * split.stages > SMEM_BUDGET and bk > 32:
+            bk //= 2
+        return replace(split, bk=bk)
+    if slices == 1 and r_pad <= 16:
+        bm, bk, cs, warps, stages = 32, 128, 4, 4, 3
+    elif j <= 64 or rows <= 2048:
+        bm, bk, cs, warps, stages = 64, 64, 4, 4, 4
     else:
-        bm, bk, warps, per = (64, 64, 4, 1536) if r_pad <= 16 else (128, 64, 8, 3072)
-    stages = 3
-    while fused_smem(bm, bk, 128, j, r_pad, stages) > SMEM_BUDGET and bk > 32:
-        bk //= 2
+        bm, bk, cs, warps, stages = 128, 64, 2, 8, 3
     while fused_smem(bm, bk, 128, j, r_pad, stages) > SMEM_BUDGET and stages > 2:
         stages -= 1
-    return FusedConfig(bm=bm, bk=bk, bn=128, col_splits=_cols_split(n, per), warps=warps,
-                       stages=stages)
+    while fused_smem(bm, bk, 128, j, r_pad, stages) > SMEM_BUDGET and bk > 32:
+        bk //= 2
+    return FusedConfig(bm=bm, bk=bk, bn=128, col_splits=cs, warps=warps, stages=stages)
