@@ -105,6 +105,45 @@ class AdapterControl:
         self._versions[name] = version
         return version
 
+    def record(self, name: str) -> AdapterRecord:
+        rec = self.records.get(name)
+        if rec is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
+        return rec
+
+    # ---------------------------------------------------------------- registration
+    def register_locked(self, name: str, source: str, path: str, meta: AdapterMeta) -> AdapterInfo:
+        """Read a validated adapter into every rank's host cache, then register it."""
+        key = (name, self.next_version(name))
+        rec = AdapterRecord(name=name, source=source, path=path, meta=meta, version=key[1])
+        self.loading[name] = rec
+        start = time.perf_counter()
+        results = self.load_locked(key, path)
+        rec.record_load(results, (time.perf_counter() - start) * 1e3)
+        self.records[name] = rec
+        return rec.info(self.residency_of(rec))
+
+    def update_locked(self, name: str, source: str, path: str, meta: AdapterMeta) -> AdapterInfo:
+        """Stage a new version on every rank; it becomes current at once (between steps),
+        while the old one serves its bound sequences to the end."""
+        rec = self.record(name)
+        new_key = (name, self.next_version(name))
+        start = time.perf_counter()
+        results = self.load_locked(new_key, path, update=True)
+        old_key = rec.key
+        rec.version, rec.source, rec.path, rec.meta = new_key[1], source, path, meta
+        rec.record_load(results, (time.perf_counter() - start) * 1e3)
+        self.retire_locked(old_key)
+        if rec.pinned:
+            self.pin_locked(new_key)
+        return rec.info(self.residency_of(rec))
+
+    def unregister_locked(self, name: str) -> None:
+        rec = self.record(name)
+        del self.records[name]
+        self.failed.forget(f"{name}\0{rec.source}")
+        self.retire_locked(rec.key)
+
     # ---------------------------------------------------------------- rank commands
     def _run(self, build: Callable[[int], AdapterCommand]) -> list[Any]:
         replies = self._send_all(build)

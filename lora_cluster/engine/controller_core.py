@@ -30,7 +30,6 @@ from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
 from lora_cluster.engine.rank_group import RankGroup
 from lora_cluster.engine.rank_runtime import context_limit_for
-from lora_cluster.engine.registry import AdapterRecord
 from lora_cluster.engine.request_handle import RequestHandle
 from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
 from lora_cluster.engine.sequence import Sequence as Seq
@@ -39,7 +38,6 @@ from lora_cluster.errors import (
     ClusterError,
     LoRAClusterError,
     RequestError,
-    UnknownAdapterError,
 )
 from lora_cluster.model.spec import ModelSpec
 
@@ -106,14 +104,7 @@ class ControllerCore:
         try:
             path, meta = self.adapters.inspect(name, source)
             with self._exec, self._lock:
-                key = (name, self.adapters.next_version(name))
-                rec = AdapterRecord(name=name, source=source, path=path, meta=meta, version=key[1])
-                self.adapters.loading[name] = rec
-                start = time.perf_counter()
-                results = self.adapters.load_locked(key, path)
-                rec.record_load(results, (time.perf_counter() - start) * 1e3)
-                self.adapters.records[name] = rec
-                return rec.info(self.adapters.residency_of(rec))
+                return self.adapters.register_locked(name, source, path, meta)
         except LoRAClusterError as err:
             self.adapters.remember_failure(name, source, err)
             raise
@@ -132,52 +123,30 @@ class ControllerCore:
         path, meta = self.adapters.inspect(name, source)
         with self._exec, self._lock:
             self._check_open()
-            rec = self.adapters.records.get(name)
-            if rec is None:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
-            new_key = (name, self.adapters.next_version(name))
-            start = time.perf_counter()
-            results = self.adapters.load_locked(new_key, path, update=True)
-            old_key = rec.key
-            rec.version, rec.source, rec.path, rec.meta = new_key[1], source, path, meta
-            rec.record_load(results, (time.perf_counter() - start) * 1e3)
-            self.adapters.retire_locked(old_key)
-            if rec.pinned:
-                self.adapters.pin_locked(new_key)
-            return rec.info(self.adapters.residency_of(rec))
+            return self.adapters.update_locked(name, source, path, meta)
 
     def evict_adapter(self, name: str) -> None:
         """Unregister ``name``; requests already running on it finish first."""
         with self._exec, self._lock:
-            rec = self.adapters.records.pop(name, None)
-            if rec is None:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
-            self.adapters.failed.forget(f"{name}\0{rec.source}")
-            self.adapters.retire_locked(rec.key)
+            self.adapters.unregister_locked(name)
 
     def pin_adapter(self, name: str) -> None:
         """Keep ``name`` in a device slot until ``unpin_adapter`` (loads it there now)."""
         with self._exec, self._lock:
-            rec = self._record(name)
+            rec = self.adapters.record(name)
             self.adapters.pin_locked(rec.key)
             rec.pinned = True
 
     def unpin_adapter(self, name: str) -> None:
         """Let LRU evict ``name`` again."""
         with self._lock:
-            rec = self._record(name)
+            rec = self.adapters.record(name)
             self.adapters.tiers.unpin(tier_id(rec.key))
             rec.pinned = False
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self._lock:
             return self.adapters.infos()
-
-    def _record(self, name: str) -> Any:
-        rec = self.adapters.records.get(name)
-        if rec is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not registered", name=name)
-        return rec
 
     # ================================================================ requests
     def submit(self, prompt: Prompt, adapter: str | None = None,
@@ -190,7 +159,7 @@ class ControllerCore:
         with self._cv:
             self._check_open()
             if adapter is not None:
-                self._record(adapter).requests += 1
+                self.adapters.record(adapter).requests += 1
             self._counters["requests_base" if adapter is None else "requests_adapter"] += 1
             seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
             seq = Seq(seq_id=next(self._ids), prompt_ids=tuple(ids), sampling=sampling,
