@@ -13,11 +13,11 @@ tensors stay memory-mapped until sliced, like the safetensors path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BF16": (torch.bfloat16, 2),
 }
 _CODE_OF = {dt: code for code, (dt, _) in DTYPES.items()}
+_ITEMSIZE = {code: size for code, (_, size) in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -51,10 +52,15 @@ class TensorTable:
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
+    ndim: np.ndarray   # [N] dimensions of each tensor
+    dims: np.ndarray   # [N, D] each shape, padded with 1 (D = largest ndim, at least 1)
     begin: np.ndarray
     end: np.ndarray
     data_start: int = 0
     tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def shape_of(self, pos: int) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.dims[pos, : int(self.ndim[pos])])
 
     def __len__(self) -> int:
         return len(self.names)
@@ -95,6 +101,19 @@ def _bad_entry(path: str, header: dict[str, Any], names: list[str]) -> AdapterFo
     return AdapterFormatError(f"{path}: malformed safetensors header", file=path)
 
 
+def shape_arrays(shapes: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ndim [N], dims [N, D] padded with 1) of a list of shapes, with C-level iteration."""
+    n = len(shapes)
+    ndim = np.fromiter(map(len, shapes), np.int64, count=n)
+    flat = np.fromiter(chain.from_iterable(shapes), np.int64, count=int(ndim.sum()))
+    if flat.size and int(flat.min()) < 0:
+        raise ValueError("negative dimension")
+    dims = np.ones((n, max(int(ndim.max(initial=0)), 1)), np.int64)
+    starts = np.cumsum(ndim) - ndim
+    dims[np.repeat(np.arange(n), ndim), np.arange(flat.size) - np.repeat(starts, ndim)] = flat
+    return ndim, dims
+
+
 def _check_extents(path: str, names: list[str], dtypes: list[str], shapes: list[list[int]],
                    numel: np.ndarray, begin: np.ndarray, end: np.ndarray, data_len: int) -> None:
     unknown = set(dtypes) - DTYPES.keys()
@@ -104,7 +123,7 @@ def _check_extents(path: str, names: list[str], dtypes: list[str], shapes: list[
         raise AdapterFormatError(
             f"{path}: tensor {name!r} has dtype {code}; LoRA weights must be one of "
             f"{sorted(DTYPES)}", file=path, key=name)
-    itemsize = np.fromiter((DTYPES[c][1] for c in dtypes), np.int64, count=len(dtypes))
+    itemsize = np.fromiter(map(_ITEMSIZE.__getitem__, dtypes), np.int64, count=len(dtypes))
     bad = np.flatnonzero((end - begin != numel * itemsize) | (begin < 0) | (end > data_len))
     if bad.size:
         i = int(bad[0])
@@ -148,26 +167,22 @@ def read_safetensors_table(path: str | Path) -> TensorTable:
         raise AdapterFormatError(f"{p}: corrupt safetensors header (not a JSON object)", file=p)
     header.pop("__metadata__", None)
     names = list(header)
+    n = len(names)
     try:
         entries = list(header.values())
         dtypes = list(map(itemgetter("dtype"), entries))
         shapes = list(map(itemgetter("shape"), entries))
-        offsets = np.array(list(map(itemgetter("data_offsets"), entries)), dtype=np.int64)
-        if offsets.shape != (len(names), 2):
+        offsets = list(map(itemgetter("data_offsets"), entries))
+        if not all(map((2).__eq__, map(len, offsets))):  # (strings/dicts fail in fromiter)
             raise ValueError("data_offsets")
-        if not all(map(isinstance, shapes, [list] * len(shapes))):
-            raise ValueError("shape")
-        numel = np.fromiter(map(math.prod, shapes), np.int64, count=len(shapes))
-        if min(map(min, filter(None, shapes)), default=0) < 0:
-            raise ValueError("negative dimension")
+        pairs = np.fromiter(chain.from_iterable(offsets), np.int64, count=2 * n).reshape(n, 2)
+        ndim, dims = shape_arrays(shapes)
     except (KeyError, TypeError, ValueError, OverflowError):
         raise _bad_entry(p, header, names) from None
-    if not names:
-        offsets = np.zeros((0, 2), np.int64)
-    begin, end = offsets[:, 0].copy(), offsets[:, 1].copy()
+    begin, end = pairs[:, 0].copy(), pairs[:, 1].copy()
     data_start = 8 + length
-    _check_extents(p, names, dtypes, shapes, numel, begin, end, size - data_start)
-    return TensorTable(p, names, dtypes, shapes, begin, end, data_start)
+    _check_extents(p, names, dtypes, shapes, dims.prod(axis=1), begin, end, size - data_start)
+    return TensorTable(p, names, dtypes, shapes, ndim, dims, begin, end, data_start)
 
 
 def read_bin_table(path: str | Path) -> TensorTable:
@@ -198,4 +213,5 @@ def read_bin_table(path: str | Path) -> TensorTable:
     sizes = np.fromiter((t.numel() * t.element_size() for t in tensors.values()), np.int64,
                         count=len(names))
     end = np.cumsum(sizes)
-    return TensorTable(p, names, dtypes, shapes, end - sizes, end, 0, tensors)
+    ndim, dims = shape_arrays(shapes)
+    return TensorTable(p, names, dtypes, shapes, ndim, dims, end - sizes, end, 0, tensors)

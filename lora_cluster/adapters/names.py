@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from operator import itemgetter
 
 import numpy as np
@@ -40,8 +40,9 @@ class NameGroups:
 
     templates: distinct templates, numeric components replaced by ``*``
     group_of:  [N] int32, index into ``templates``
-    indices:   [N, D] int64, the numeric components of each name in order (-1 padded);
-               D is the largest number of ``*`` in any template
+    indices:   [N, D] int32, the numeric components of each name in order (-1 padded);
+               D is the largest number of ``*`` in any template (column-major: each index
+               axis is contiguous)
     """
 
     templates: tuple[str, ...]
@@ -55,9 +56,16 @@ class NameGroups:
         """[G] number of names per template."""
         return np.bincount(self.group_of, minlength=len(self.templates))
 
+    @cached_property
+    def _by_group(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.group_of, kind="stable")
+        bounds = np.searchsorted(self.group_of[order], np.arange(len(self.templates) + 1))
+        return order, bounds
+
     def positions(self, group: int) -> np.ndarray:
-        """Input positions of the names of template ``group``."""
-        return np.flatnonzero(self.group_of == group)
+        """Input positions of the names of template ``group`` (ascending)."""
+        order, bounds = self._by_group
+        return order[bounds[group]: bounds[group + 1]]
 
     def index_values(self, group: int, depth: int) -> np.ndarray:
         """Sorted distinct values of the ``depth``-th ``*`` of template ``group``."""
@@ -82,7 +90,7 @@ class _Local:
 
 
 def _empty(d: int = 0) -> _Local:
-    return _Local([], np.zeros(0, np.int32), np.zeros((0, d), np.int64))
+    return _Local([], np.zeros(0, np.int32), np.zeros((0, d), np.int32))
 
 
 def _parse_one(name: str) -> tuple[str, list[int]]:
@@ -102,7 +110,7 @@ def _parse_each(names: list[str]) -> _Local:
         gids.append(table.setdefault(template, len(table)))
         rows.append(values)
     depth = max(map(len, rows))
-    idx = np.full((len(names), depth), -1, np.int64)
+    idx = np.full((len(names), depth), -1, np.int32)
     for i, row in enumerate(rows):
         idx[i, : len(row)] = row
     return _Local(list(table), np.asarray(gids, np.int32), idx)
@@ -112,7 +120,7 @@ def _parse_each(names: list[str]) -> _Local:
 def _lex_values(n: int) -> tuple[tuple[str, ...], np.ndarray]:
     """0..n-1 as strings in the order a sorted name list holds them ("0", "1", "10", ...)."""
     strs = tuple(sorted(map(str, range(n))))
-    return strs, np.fromiter(map(int, strs), np.int64, count=n)
+    return strs, np.fromiter(map(int, strs), np.int32, count=n)
 
 
 class _Merger:
@@ -147,16 +155,16 @@ class _Merger:
         lead = any(v >= 0 for _, _, v in self._pieces)
         depth = max(a.shape[1] + (v >= 0) for _, a, v in self._pieces)
         sizes = [len(g) for g, _, _ in self._pieces]
-        idx = np.full((sum(sizes), depth), -1, np.int64)
+        idx = np.full((depth, sum(sizes)), -1, np.int32)  # transposed: axes contiguous
         if lead:
-            idx[:, 0] = np.repeat(np.fromiter((v for _, _, v in self._pieces), np.int64,
-                                              count=len(sizes)), sizes)
+            idx[0] = np.repeat(np.fromiter((v for _, _, v in self._pieces), np.int32,
+                                           count=len(sizes)), sizes)
         row = 0
         for (_, a, v), size in zip(self._pieces, sizes):
             col = 1 if v >= 0 else 0
-            idx[row: row + size, col: col + a.shape[1]] = a
+            idx[col: col + a.shape[1], row: row + size] = a.T
             row += size
-        return _Local(list(self.table), np.concatenate([g for g, _, _ in self._pieces]), idx)
+        return _Local(list(self.table), np.concatenate([g for g, _, _ in self._pieces]), idx.T)
 
 
 @dataclass
@@ -198,9 +206,10 @@ def _try_whole_run(names: list[str], lo: int, hi: int, stem: str, first: _Ref,
     if len(expected) != len(actual) + 1 or not expected.endswith(actual):
         return None
     loc = first.local
-    return _Local(loc.templates, np.tile(loc.group_of, n),
-                  np.concatenate([np.repeat(values, m)[:, None], np.tile(loc.indices, (n, 1))],
-                                 axis=1))
+    idx = np.empty((1 + loc.indices.shape[1], n * m), np.int32)
+    idx[0] = np.repeat(values, m)
+    idx[1:] = np.tile(loc.indices.T, (1, n))
+    return _Local(loc.templates, np.tile(loc.group_of, n), idx.T)
 
 
 def _scan_run(names: list[str], lo: int, hi: int, stem: str, merger: _Merger) -> None:

@@ -85,16 +85,16 @@ class AdapterPlan:
 
 
 def _shape_sets(table: TensorTable, verdict: NameVerdict, groups: list[int]) -> dict[int, set[Shape]]:
-    """Distinct shapes per template (one C-level pass over the header's shapes)."""
-    wanted = np.zeros(len(verdict.groups.templates), bool)
-    wanted[groups] = True
-    gid = verdict.groups.group_of
-    pos = np.flatnonzero(wanted[gid])
-    shapes = table.shapes
-    pairs = set(zip(gid[pos].tolist(), map(tuple, map(shapes.__getitem__, pos.tolist()))))
-    out: dict[int, set[Shape]] = {g: set() for g in groups}
-    for g, shape in pairs:
-        out[g].add(shape)
+    """Distinct shapes per template, from the header's shape arrays: one vectorized
+    all-equal test per template; only templates with several shapes are enumerated."""
+    out: dict[int, set[Shape]] = {}
+    for g in groups:
+        pos = verdict.groups.positions(g)
+        dims, ndim = table.dims[pos], table.ndim[pos]
+        if bool((dims == dims[0]).all()) and bool((ndim == ndim[0]).all()):
+            out[g] = {table.shape_of(int(pos[0]))}
+        else:
+            out[g] = {table.shape_of(i) for i in pos.tolist()}
     return out
 
 
@@ -193,13 +193,13 @@ class _Planner:
         k = self.verdict.groups.templates[g].count("*")
         for pos in self.verdict.groups.positions(g).tolist():
             expected = want(ranks.at(tuple(idx[pos][:k].tolist()))[0])
-            if tuple(self.table.shapes[pos]) != expected:
+            if self.table.shape_of(pos) != expected:
                 self._raise_shape(pos, expected, what)
 
     def _shape_error(self, g: int, is_bad: Callable[[Shape], bool],
                      expected: Callable[[int], Shape], what: str) -> None:
         for pos in self.verdict.groups.positions(g).tolist():
-            shape = tuple(self.table.shapes[pos])
+            shape = self.table.shape_of(pos)
             if is_bad(shape):
                 self._raise_shape(pos, expected(pos), what)
 

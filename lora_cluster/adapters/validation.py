@@ -39,7 +39,6 @@ class NameVerdict:
     groups: NameGroups
     infos: tuple[TemplateInfo, ...]
     layers: IndexTable          # axis 0 of layer-indexed templates
-    experts: IndexTable         # axis 1 of per-expert (2D) templates
     ignored: dict[str, int]     # module template → tensor count (not run by the text model)
     embedding_copies: tuple[int, ...]  # templates of PEFT's saved base embed/lm_head weights
     warning: str | None         # the one summary of ignored modules (None: nothing ignored)
@@ -61,7 +60,7 @@ def _index_table(groups: NameGroups, axis: int, num_groups: int) -> IndexTable:
         return IndexTable(np.zeros((num_groups, 0), np.int64))
     col = groups.indices[:, axis]
     width = int(col.max()) + 2  # value -1 (no such index) lands in column 0
-    flat = np.bincount(groups.group_of.astype(np.int64) * width + col + 1,
+    flat = np.bincount(groups.group_of * np.int32(width) + (col + np.int32(1)),
                        minlength=num_groups * width)
     return IndexTable(flat.reshape(num_groups, width)[:, 1:])
 
@@ -124,14 +123,25 @@ def _check_ranges(where: str, spec: ModelSpec, verdict: NameVerdict) -> None:
                 f"{where}: {info.module} on layer {int(wrong[0])}, which has {has} "
                 f"(e.g. {verdict.example(g, _row(verdict, g, 0, wrong[0]))})",
                 file=where, module=info.module)
-        if info.indexed_by_expert:  # (experts are never dense-layer kinds)
-            experts = verdict.experts.values(g)
-            if experts.size and experts[-1] >= spec.num_experts:
-                raise UnsupportedAdapterError(
-                    f"{where}: {info.module} for expert {int(experts[-1])}, but the model has "
-                    f"{spec.num_experts} experts (e.g. "
-                    f"{verdict.example(g, _row(verdict, g, 1, experts[-1]))})",
-                    file=where, module=info.module)
+    _check_experts(where, spec, verdict)
+
+
+def _check_experts(where: str, spec: ModelSpec, verdict: NameVerdict) -> None:
+    """Expert indices (axis 1, used only by per-expert templates) stay below num_experts."""
+    idx = verdict.groups.indices
+    if idx.shape[1] < 2 or int(idx[:, 1].max()) < spec.num_experts:
+        return  # one max over all names settles the common case
+    for g in verdict.target_groups():
+        info = verdict.infos[g]
+        if not info.indexed_by_expert:
+            continue
+        rows = idx[verdict.groups.positions(g)]
+        bad = rows[rows[:, 1] >= spec.num_experts]
+        if bad.size:
+            raise UnsupportedAdapterError(
+                f"{where}: {info.module} for expert {int(bad[0, 1])}, but the model has "
+                f"{spec.num_experts} experts (e.g. {verdict.example(g, bad[0])})",
+                file=where, module=info.module)
 
 
 def _row(verdict: NameVerdict, group: int, axis: int, value: int) -> np.ndarray:
@@ -168,7 +178,6 @@ def check_names(names: list[str], spec: ModelSpec, *, where: str = "adapter") ->
     ignored, warning = _warning(where, groups, infos, counts)
     copies = tuple(g for g, info in enumerate(infos) if info.status == "embedding_copy")
     g = len(groups.templates)
-    verdict = NameVerdict(groups, infos, _index_table(groups, 0, g), _index_table(groups, 1, g),
-                          ignored, copies, warning)
+    verdict = NameVerdict(groups, infos, _index_table(groups, 0, g), ignored, copies, warning)
     _check_ranges(where, spec, verdict)
     return verdict
