@@ -1,0 +1,63 @@
+"""``AdapterAffinityRouter``: Serve's request-router hook running ``deploy.affinity``'s policy.
+
+Runs inside whatever process holds the ``LoRAServer`` handle (the ingress). Requests carry
+their adapter as ``multiplexed_model_id``; each replica publishes the adapters it holds by
+tier through ``record_routing_stats``; the load of a replica is the router's own count of
+ongoing requests there (fresh on every send), else the replica's last report. Decisions are
+counted once per routed request (``on_request_routed``) in a process-wide tally the ingress
+reports to the directory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from deploy.affinity import ReplicaLoad, classify, rank_replicas
+
+_decisions: Counter[str] = Counter()
+_decisions_lock = threading.Lock()
+
+
+def routing_decisions() -> dict[str, int]:
+    """This process's routing decisions so far (device_hit, host_hit, spill, cold, base...)."""
+    with _decisions_lock:
+        return dict(_decisions)
+
+
+class AdapterAffinityRouter(RequestRouter):
+    """Prefer replicas holding the request's adapter; spill when they are saturated."""
+
+    def initialize_state(self, spill_threshold: int = 64, **_: Any) -> None:
+        self.spill_threshold = int(spill_threshold)
+
+    def _view(self, replica: RunningReplica) -> ReplicaLoad:
+        stats = replica.routing_stats or {}
+        load = self.replica_queue_len_cache.get(replica.replica_id)
+        if load is None:
+            load = int(stats.get("ongoing", 0))
+        return ReplicaLoad(replica_id=replica.replica_id, load=load,
+                           device=frozenset(stats.get("device", ())),
+                           host=frozenset(stats.get("host", ())),
+                           disk=frozenset(stats.get("disk", ())))
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None,
+                              ) -> list[list[RunningReplica]]:
+        adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        ranks = rank_replicas(adapter or None, [self._view(r) for r in candidate_replicas],
+                              getattr(self, "spill_threshold", 64))
+        return [[by_id[rid] for rid in rank if rid in by_id] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        adapter = pending_request.metadata.multiplexed_model_id or None
+        views = [self._view(r) for r in self.curr_replicas.values()]
+        chosen = next((v for v in views if v.replica_id == replica_id), None)
+        decision = classify(adapter, chosen, views)
+        with _decisions_lock:
+            _decisions[decision] += 1
