@@ -394,3 +394,18 @@ def test_prompt_validation(fake_inspect):
             core.generate([[1]], "nope")
     finally:
         core.shutdown()
+
+
+def test_step_loop_crash_fails_callers_instead_of_hanging(fake_inspect):
+    core, group = make()
+
+    def broken(command):
+        raise AssertionError("scheduler bug")
+
+    group.execute = broken  # not a ClusterError: no recovery, a crash
+    handle = core.submit([1], None, G)
+    with pytest.raises(ClusterError, match="step loop crashed"):
+        handle.result(5)
+    with pytest.raises(ClusterError, match="step loop crashed"):
+        core.submit([1])
+    core.shutdown()

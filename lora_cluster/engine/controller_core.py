@@ -5,7 +5,9 @@ method concurrently. One background thread runs steps while work exists. Two loc
 ``_exec`` serializes everything sent to the ranks — steps and adapter commands — so an
 adapter never changes in the middle of a step; ``_lock`` guards registry, residency,
 scheduler and handles. Order is always ``_exec`` → ``_lock``; threads that only read or
-queue (submit, cancel, list_adapters, stats) take ``_lock`` alone and never wait for a step.
+queue (submit, cancel, list_adapters, stats) take ``_lock`` alone and never wait for a
+forward step (they can wait for a transparent adapter reload, which the scheduler performs
+between steps under ``_lock``).
 Results are delivered through ``RequestHandle`` objects; nothing waits while holding a lock.
 
 Rank failure: a step that raises ClusterError makes the core restart the rank group, reload
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import random
 import threading
 import time
@@ -42,6 +45,7 @@ from lora_cluster.errors import (
 from lora_cluster.model.spec import ModelSpec
 
 Prompt = str | Sequence[int]
+logger = logging.getLogger("lora_cluster.engine")
 _IDLE_WAIT_S = 0.05  # re-check interval when work exists but nothing can run yet
 _RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing window
 
@@ -229,14 +233,21 @@ class ControllerCore:
         return self.group.execute_all(build(next(self._cmd_seq)))
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._closed or self.scheduler.has_work())
-                if self._closed:
-                    return
-            if not self._step():
+        try:
+            while True:
                 with self._cv:
-                    self._cv.wait(_IDLE_WAIT_S)
+                    self._cv.wait_for(lambda: self._closed or self.scheduler.has_work())
+                    if self._closed:
+                        return
+                if not self._step():
+                    with self._cv:
+                        self._cv.wait(_IDLE_WAIT_S)
+        except BaseException as exc:
+            # A bug must not leave callers waiting forever: fail everything, refuse new work.
+            logger.exception("step loop crashed")
+            with self._lock:
+                self._broken = ClusterError(f"step loop crashed: {type(exc).__name__}: {exc}")
+                self._fail_all(self._broken)
 
     def _step(self) -> bool:
         """Run one step; False when nothing could be scheduled."""
