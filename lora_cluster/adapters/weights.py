@@ -5,7 +5,10 @@ Keys are ``(layer, kind)`` with ``kind`` from ``lora_cluster.model.spec`` (``q_p
 kinds ``embed_tokens`` and ``lm_head``. Tensors are already this rank's slices (TP shard of
 the output for column-parallel targets, of the input for row-parallel ones, local experts
 only), unscaled, in the file's dtype; the slot writer pads the rank, folds ``scaling`` into
-``b`` and casts.
+``b`` and casts. One exception keeps this exact: when ``rank_pattern``/``alpha_pattern`` give
+the experts of one layer different ranks or scalings, their stack is zero-padded to the
+largest rank and each expert's own scaling is already folded into its ``b`` (``scaling`` 1.0).
+Local experts the adapter has no LoRA for are zero entries.
 
 Shapes (R = this module's rank; *_local = this rank's shard):
     linear:        a [R, in_local]              b [out_local, R]
