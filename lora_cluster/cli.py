@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    from lora_cluster.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
