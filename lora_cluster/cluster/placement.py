@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ray
@@ -44,7 +45,8 @@ def rank_resources(config: ClusterConfig) -> tuple[float, int]:
         return config.num_cpus_per_rank, 1
     total = float(ray.cluster_resources().get("CPU", 1.0))
     share = (total - CONTROLLER_CPUS) / config.world_size
-    return round(max(0.01, min(config.num_cpus_per_rank, share)), 2), 0
+    # floor to Ray's 0.01 granularity so the bundles always fit what is there
+    return max(0.01, math.floor(min(config.num_cpus_per_rank, share) * 100) / 100), 0
 
 
 def create_placement(config: ClusterConfig, *, name: str | None = None,
