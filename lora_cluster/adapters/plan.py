@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -162,11 +163,11 @@ class _Planner:
         alpha = self.alphas.for_template(module, keys)
         if not isinstance(r, list) and not isinstance(alpha, list):
             return RankScale(int(r), self.config.scaling(int(r), float(alpha)))
-        n = len(keys())
-        rs = r if isinstance(r, list) else [r] * n
-        alphas = alpha if isinstance(alpha, list) else [alpha] * n
+        # Index-dependent patterns (the rare path): one (rank, scaling) per module.
         idx = self.verdict.groups.indices[self.verdict.groups.positions(a_group)]
         k = module.count("*")
+        rs = r if isinstance(r, list) else [r] * len(idx)
+        alphas = alpha if isinstance(alpha, list) else [alpha] * len(idx)
         per = {tuple(row[:k]): (int(ri), self.config.scaling(int(ri), float(ai)))
                for row, ri, ai in zip(idx.tolist(), rs, alphas)}
         top = max(per.values())
@@ -185,9 +186,8 @@ class _Planner:
         """All tensors of template ``g`` have ``want(rank)`` (per module when ranks vary)."""
         if ranks.per_index is None:
             expected = want(ranks.rank)
-            bad = got - {expected}
-            if bad:
-                self._shape_error(g, lambda shape: shape != expected, lambda _: expected, what)
+            if got != {expected}:
+                self._raise_first_mismatch(g, expected, what)
             return
         idx = self.verdict.groups.indices
         k = self.verdict.groups.templates[g].count("*")
@@ -196,14 +196,13 @@ class _Planner:
             if self.table.shape_of(pos) != expected:
                 self._raise_shape(pos, expected, what)
 
-    def _shape_error(self, g: int, is_bad: Callable[[Shape], bool],
-                     expected: Callable[[int], Shape], what: str) -> None:
+    def _raise_first_mismatch(self, g: int, expected: Shape, what: str) -> NoReturn:
         for pos in self.verdict.groups.positions(g).tolist():
-            shape = self.table.shape_of(pos)
-            if is_bad(shape):
-                self._raise_shape(pos, expected(pos), what)
+            if self.table.shape_of(pos) != expected:
+                self._raise_shape(pos, expected, what)
+        raise AssertionError(f"template {g}: a shape mismatch was found but not located")
 
-    def _raise_shape(self, pos: int, expected: Shape, what: str) -> None:
+    def _raise_shape(self, pos: int, expected: Shape, what: str) -> NoReturn:
         name = self.table.names[pos]
         raise AdapterShapeError(
             f"{self.table.path}: tensor {name!r} has shape {list(self.table.shapes[pos])}; "
