@@ -32,6 +32,9 @@ _BLOCK_NUMBER = re.compile(r"(0|[1-9][0-9]*)\.")
 # Runs of at most this many names are first tried as one uniform run (one text compare);
 # bigger runs are confirmed block by block, whose texts stay cache-sized.
 _WHOLE_RUN_LIMIT = 16384
+# Block structures remembered per run (most recent first); a regular adapter needs one or two
+# (e.g. MoE and dense layers). Bounded so that irregular input stays linear.
+_MAX_REFS = 4
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ class _Ref:
 def _new_ref(block: list[str], head: str) -> _Ref | None:
     """The block as a reference, or None when some name does not start with ``head``."""
     rel = list(map(itemgetter(slice(len(head), None)), block))
-    ref = _Ref(rel, ["", *rel], _Local([], np.zeros(0, np.int32), np.zeros((0, 0), np.int64)))
+    ref = _Ref(rel, ["", *rel], _empty())
     if not ref.matches(block, head):
         return None
     ref.local = _scan(rel)
@@ -240,7 +243,7 @@ def _scan_run(names: list[str], lo: int, hi: int, stem: str, merger: _Merger) ->
                 if whole is not None:
                     merger.add(whole, prefix)
                     return
-            refs.append(ref)
+            refs = [ref, *refs[: _MAX_REFS - 1]]
         merger.add(ref.local, prefix, int(value))
         j = k
 
@@ -254,7 +257,7 @@ def _scan(names: list[str]) -> _Local:
         if m is None or m.start(1) == 0:
             # No numeric component (or a leading one): a leaf of this level.
             j = i + 1
-            while j < n and j - i < 64 and _COMPONENT.search(names[j]) is None:
+            while j < n and _COMPONENT.search(names[j]) is None:
                 j += 1
             merger.add(_parse_each(names[i:j]))
             i = j
@@ -266,8 +269,25 @@ def _scan(names: list[str]) -> _Local:
     return merger.result()
 
 
+def _looks_unsorted(names: list[str], samples: int = 256) -> bool:
+    """A cheap probe of ``samples`` evenly spaced neighbour pairs (not a proof of order)."""
+    step = max(1, (len(names) - 1) // samples)
+    return any(names[i] > names[i + 1] for i in range(0, len(names) - 1, step))
+
+
 def scan_names(names: list[str]) -> NameGroups:
-    """Templates, template ids and numeric components of every name (exact for any order)."""
-    local = _scan(names if isinstance(names, list) else list(names))
-    return NameGroups(tuple(local.templates), local.group_of.astype(np.int32, copy=False),
-                      local.indices)
+    """Templates, template ids and numeric components of every name (exact for any order).
+
+    Unsorted input (e.g. a ``.bin`` state dict in module order) is scanned in sorted order
+    and mapped back, so it still takes the fast path."""
+    names = names if isinstance(names, list) else list(names)
+    if not _looks_unsorted(names):
+        local = _scan(names)
+        return NameGroups(tuple(local.templates), local.group_of, local.indices)
+    order = np.array(sorted(range(len(names)), key=names.__getitem__), np.int64)
+    local = _scan([names[i] for i in order.tolist()])
+    group_of = np.empty_like(local.group_of)
+    group_of[order] = local.group_of
+    indices = np.empty_like(local.indices)
+    indices[order] = local.indices
+    return NameGroups(tuple(local.templates), group_of, indices)
