@@ -79,3 +79,22 @@ def test_served_name_differs_from_peft_subfolder(fixture_cache, tmp_path: Path) 
     assert weights.name == "served" and len(weights.modules) == 8
     plan = inspect_adapter(tmp_path / "saved", spec, max_lora_rank=16, subfolder="my_peft_name")
     assert plan.table.path.endswith("my_peft_name/adapter_model.safetensors")
+
+
+def test_reading_selected_layers_only(fixture_cache) -> None:
+    model_dir = fixture_cache.model("qwen3_moe")
+    spec = load_model_spec(model_dir)
+    for fmt in ("2d", "3d"):
+        adapter_dir = fixture_cache.adapter(model_dir, name=f"layers{fmt}", targets=["all"],
+                                            expert_format=fmt)
+        full = load_adapter(adapter_dir, spec, ParallelInfo(), name="x", max_lora_rank=16)
+        one = load_adapter(adapter_dir, spec, ParallelInfo(), name="x", max_lora_rank=16,
+                           layers=[1])
+        assert {layer for layer, _ in one.weights.modules} == {1}
+        assert one.stats.bytes_read < full.stats.bytes_read
+        for key, t in one.weights.modules.items():
+            assert torch.equal(t.a, full.weights.modules[key].a)
+            assert torch.equal(t.b, full.weights.modules[key].b)
+        model_wide = load_adapter(adapter_dir, spec, ParallelInfo(), name="x", max_lora_rank=16,
+                                  layers=[None]).weights
+        assert set(model_wide.modules) == {(None, "embed_tokens"), (None, "lm_head")}

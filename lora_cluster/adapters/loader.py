@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +107,10 @@ class _RankReader:
     """Reads every target of a plan that this rank holds (see module docstring)."""
 
     def __init__(self, plan: AdapterPlan, load: LoadSpec, reader: TensorReader,
-                 stats: LoadStats, dtype: torch.dtype | None) -> None:
+                 stats: LoadStats, dtype: torch.dtype | None,
+                 layers: frozenset[int | None] | None) -> None:
         self.plan, self.load, self.reader, self.stats, self.dtype = plan, load, reader, stats, dtype
+        self.layers = layers  # None: every layer; else only these (None = model-wide kinds)
         self.groups = plan.verdict.groups
         self._fused_a: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -117,6 +119,9 @@ class _RankReader:
             return t
         with self.stats.timing("convert"):
             return t.to(self.dtype)
+
+    def _wanted(self, layers: tuple[int | None, ...]) -> list[int | None]:
+        return [x for x in layers if self.layers is None or x in self.layers]
 
     def _by_layer(self, group: int) -> dict[int | None, int]:
         pos = self.groups.positions(group)
@@ -134,7 +139,7 @@ class _RankReader:
         shard = self.load.shards[t.kind]
         pa, pb = self._by_layer(t.a_group), self._by_layer(t.b_group)
         out: dict[ModuleKey, LoRATensors] = {}
-        for layer in t.layers or (None,):
+        for layer in self._wanted(t.layers or (None,)):
             _, scaling = t.ranks.at(() if layer is None else (layer,))
             a = self.reader.read(pa[layer], cols=shard.in_range)
             b = self.reader.read(pb[layer], rows=shard.out_range)
@@ -159,6 +164,8 @@ class _RankReader:
         pa, pb = self._local_positions(t.a_group), self._local_positions(t.b_group)
         out: dict[ModuleKey, LoRATensors] = {}
         for layer, (pos_a, local) in pa.items():
+            if self.layers is not None and layer not in self.layers:
+                continue
             pos_b = pb[layer][0]
             if t.ranks.per_index is None:
                 a = self.reader.read_stack(pos_a, cols=shard.in_range)   # [n, R, in_local]
@@ -200,6 +207,8 @@ class _RankReader:
         base = t.b_rows[0] if t.b_rows is not None else 0
         out: dict[ModuleKey, LoRATensors] = {}
         for layer in t.layers:
+            if self.layers is not None and layer not in self.layers:
+                continue
             rank, scaling = t.ranks.at((layer,))
             key = (t.a_group, layer)
             a = self._fused_a.get(key)
@@ -231,8 +240,12 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def load_adapter(adapter_dir: str | Path, spec: ModelSpec, parallel: ParallelInfo, *,
                  name: str, version: int = 1, max_lora_rank: int,
                  dtype: torch.dtype | str | None = None, subfolder: str | None = None,
-                 ) -> LoadedAdapter:
-    """Validate the adapter and read this rank's share of it (see module docstring)."""
+                 layers: Iterable[int | None] | None = None) -> LoadedAdapter:
+    """Validate the adapter and read this rank's share of it (see module docstring).
+
+    ``layers``: read only these decoder layers (``None`` in it: embed_tokens / lm_head), e.g.
+    to stage an in-place update layer by layer; validation always covers the whole adapter.
+    """
     stats = LoadStats()
     cast = _torch_dtype(dtype)
     load = build_load_spec(spec, parallel)
@@ -241,7 +254,8 @@ def load_adapter(adapter_dir: str | Path, spec: ModelSpec, parallel: ParallelInf
     modules: dict[ModuleKey, LoRATensors] = {}
     with TensorReader(plan.table) as reader:
         t0, c0 = time.perf_counter(), stats.convert_ms
-        rank_reader = _RankReader(plan, load, reader, stats, cast)
+        wanted = None if layers is None else frozenset(layers)
+        rank_reader = _RankReader(plan, load, reader, stats, cast, wanted)
         for target in plan.targets:
             modules.update(rank_reader.read(target))
         # Reading time is the wall time of the loop minus what ``convert`` accounted inside it.
