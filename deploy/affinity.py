@@ -13,10 +13,14 @@ full (Serve's router then picks the least loaded replica that accepts it).
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 TIERS = ("device", "host", "disk")
+_decisions: Counter[str] = Counter()
+_decisions_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,15 @@ def classify(adapter: str | None, chosen: ReplicaLoad | None,
     if any(r.tier_of(adapter) for r in replicas):
         return "spill"
     return "cold"
+
+
+def record_decision(decision: str) -> None:
+    """Count one routing outcome in this process's tally."""
+    with _decisions_lock:
+        _decisions[decision] += 1
+
+
+def routing_decisions() -> dict[str, int]:
+    """This process's routing outcomes so far (device_hit, host_hit, spill, cold, base...)."""
+    with _decisions_lock:
+        return dict(_decisions)

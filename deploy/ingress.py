@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from deploy.affinity import routing_decisions
 from deploy.directory_state import DirectorySnapshot
 from deploy.http_errors import ForbiddenError, as_typed, error_body, error_response
 from deploy.metrics import CONTENT_TYPE, render
@@ -38,7 +39,6 @@ from deploy.openai_models import (
     stream_event,
     usage_event,
 )
-from deploy.router import routing_decisions
 from deploy.settings import AppSettings
 from lora_cluster.errors import AuthError, ClusterError, RequestError
 

@@ -102,7 +102,7 @@ class ReplicaService:
                 raise
             with self._state:
                 self._held[name] = (source, entry.version, generation)
-        self._refresh()
+                self._residency[name] = info.residency
         return info
 
     def update_adapter(self, name: str, source: str) -> AdapterInfo:
@@ -176,11 +176,15 @@ class ReplicaService:
                     f"models; POST /v1/load_lora_adapter registers one)", name=name)
             held = self._held.get(name)
             if held is not None and held[:2] != (entry.source, entry.version):
-                self.core.update_adapter(name, entry.source)
+                info = self.core.update_adapter(name, entry.source)
             elif held is None:
-                self.core.load_adapter(name, entry.source)
+                info = self.core.load_adapter(name, entry.source)
+            else:
+                info = None
             with self._state:
                 self._held[name] = (entry.source, entry.version, generation)
+                if info is not None:
+                    self._residency[name] = info.residency
         return "fetched"
 
     def _usable(self, name: str) -> bool:

@@ -4,28 +4,19 @@ Runs inside whatever process holds the ``LoRAServer`` handle (the ingress). Requ
 their adapter as ``multiplexed_model_id``; each replica publishes the adapters it holds by
 tier through ``record_routing_stats``; the load of a replica is the router's own count of
 ongoing requests there (fresh on every send), else the replica's last report. Decisions are
-counted once per routed request (``on_request_routed``) in a process-wide tally the ingress
-reports to the directory.
+counted once per routed request (``on_request_routed``) in a process-wide tally
+(``deploy.affinity.routing_decisions``) that the ingress reports to the directory.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from deploy.affinity import ReplicaLoad, classify, rank_replicas
-
-_decisions: Counter[str] = Counter()
-_decisions_lock = threading.Lock()
-
-
-def routing_decisions() -> dict[str, int]:
-    """This process's routing decisions so far (device_hit, host_hit, spill, cold, base...)."""
-    with _decisions_lock:
-        return dict(_decisions)
+# Serve pickles this module *by value* into every process holding a handle, so it must not
+# hold state: the tally lives in deploy.affinity, which is imported there by reference.
+from deploy.affinity import ReplicaLoad, classify, rank_replicas, record_decision
 
 
 class AdapterAffinityRouter(RequestRouter):
@@ -58,6 +49,4 @@ class AdapterAffinityRouter(RequestRouter):
         adapter = pending_request.metadata.multiplexed_model_id or None
         views = [self._view(r) for r in self.curr_replicas.values()]
         chosen = next((v for v in views if v.replica_id == replica_id), None)
-        decision = classify(adapter, chosen, views)
-        with _decisions_lock:
-            _decisions[decision] += 1
+        record_decision(classify(adapter, chosen, views))
