@@ -1,9 +1,9 @@
 """Names → verdict: is every tensor of an adapter a LoRA factor of a module this model serves?
 
 Set-based over module *templates* (``names.scan_names``): classification runs once per
-template, index ranges are checked with one ``bincount`` per index axis over all names, and
-the one summary warning (ignored modules: counts per kind, at most three examples) is built
-from templates — nothing loops over modules in Python.
+template, layer indices are checked with one ``bincount`` over all names and expert indices
+with one ``max``, and the one summary warning (ignored modules: counts per kind, at most
+three examples) is built from templates — nothing loops over modules in Python.
 """
 
 from __future__ import annotations
@@ -48,11 +48,7 @@ class NameVerdict:
 
     def example(self, group: int, index_row: np.ndarray | None = None) -> str:
         """A concrete tensor name of ``group`` (its first name, or the given index values)."""
-        template = self.groups.templates[group]
-        if index_row is None:
-            index_row = self.groups.indices[int(self.groups.positions(group)[0])]
-        k = template.count("*")
-        return fill_template(template, [int(v) for v in index_row[:k]])
+        return _example(self.groups, group, index_row)
 
 
 def _index_table(groups: NameGroups, axis: int, num_groups: int) -> IndexTable:
@@ -65,16 +61,16 @@ def _index_table(groups: NameGroups, axis: int, num_groups: int) -> IndexTable:
     return IndexTable(flat.reshape(num_groups, width)[:, 1:])
 
 
-def _examples(verdict_groups: NameGroups, items: Sequence[int]) -> str:
-    names = []
-    for g in items:
-        pos = int(verdict_groups.positions(g)[0])
-        k = verdict_groups.templates[g].count("*")
-        names.append(fill_template(verdict_groups.templates[g],
-                                   [int(v) for v in verdict_groups.indices[pos][:k]]))
-        if len(names) == MAX_EXAMPLES:
-            break
-    return ", ".join(names)
+def _example(groups: NameGroups, group: int, index_row: np.ndarray | None = None) -> str:
+    """A concrete tensor name of ``group`` (its first name, or the given index values)."""
+    template = groups.templates[group]
+    if index_row is None:
+        index_row = groups.indices[int(groups.positions(group)[0])]
+    return fill_template(template, [int(v) for v in index_row[: template.count("*")]])
+
+
+def _examples(groups: NameGroups, items: Sequence[int]) -> str:
+    return ", ".join(_example(groups, g) for g in list(items)[:MAX_EXAMPLES])
 
 
 def _refuse_unsupported(where: str, groups: NameGroups, infos: Sequence[TemplateInfo],
