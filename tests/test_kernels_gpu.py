@@ -179,3 +179,14 @@ def test_fused_moe_graph_replay_matches_eager(tokens: int) -> None:
         eager = ops.fused_moe(x, s_wts, s_ids, w13, w2, emap, lora, s_slots)
         torch.cuda.synchronize()
         assert torch.equal(result[0], eager), skew
+
+
+@pytest.mark.parametrize("rows", [1, 64, 1000, 2048, 4096])
+def test_meta_builds_agree(rows: int) -> None:
+    from lora_kernels.meta import build_lora_meta_torch
+
+    gen = torch.Generator().manual_seed(rows)
+    idx = testing.entry_indices(rows, 32, "uniform", gen, none_frac=0.2).to(DEV)
+    got, want = build_lora_meta(idx, 32), build_lora_meta_torch(idx, 32)
+    for field in ("sorted_rows", "seg_counts", "seg_starts", "active_entries", "num_active"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field

@@ -35,7 +35,8 @@ VARIANTS = {
     "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=4, bn=16, col_splits=2)),
     "auto": (16, None),
 }
-_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe", "linear", "embedding", "moe")
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe", "triton_meta", "linear",
+                   "embedding", "moe")
 
 
 def _interpreted() -> None:
@@ -197,3 +198,16 @@ def test_moe_all_rows_without_adapter() -> None:
                         torch.full_like(slots, -1))
     base = ops.fused_moe(x, wts, ids, w13, w2, emap)
     assert torch.allclose(got, base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("rows", "entries"), [(1, 32), (37, 6), (300, 32), (700, 63), (9, 1)])
+def test_one_launch_meta_matches_torch(rows: int, entries: int) -> None:
+    from lora_kernels.meta import build_lora_meta_torch
+    from lora_kernels.triton_meta import build_lora_meta_triton
+
+    gen = torch.Generator().manual_seed(rows)
+    idx = testing.entry_indices(rows, entries, "zipf", gen, none_frac=0.3).to(DEVICE)
+    want = build_lora_meta_torch(idx, entries)
+    got = build_lora_meta_triton(idx, entries)
+    for field in ("sorted_rows", "seg_counts", "seg_starts", "active_entries", "num_active"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field

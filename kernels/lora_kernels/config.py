@@ -95,7 +95,9 @@ def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
     if rows <= 512:
         return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16)
     if j <= 64 and (rows <= 2048 or slices > 1):
-        return SplitConfig(bm=64, bk=128, split_k=1, bn=128, col_splits=8, expand_warps=8)
+        # Few live tiles (one adapter: rows / 64) leave SMs idle in the shrink: split K too.
+        return SplitConfig(bm=64, bk=128, split_k=4 if rows <= 2048 else 2, bn=128,
+                           col_splits=8, expand_warps=8)
     return None
 
 

@@ -42,7 +42,21 @@ class LoRAMeta:
 
 
 def build_lora_meta(indices: torch.Tensor, num_weights: int) -> LoRAMeta:
-    """Sort rows by weight entry with device ops only (capturable in a CUDA graph)."""
+    """Sort rows by weight entry with device ops only (capturable in a CUDA graph).
+
+    On CUDA, step-sized batches take the one-launch Triton build (``triton_meta``), which
+    gives the same values; larger ones and CPU tensors take the torch ops below.
+    """
+    if indices.is_cuda:
+        from lora_kernels import triton_meta
+
+        if triton_meta.supported(indices.shape[0], num_weights):
+            return triton_meta.build_lora_meta_triton(indices, num_weights)
+    return build_lora_meta_torch(indices, num_weights)
+
+
+def build_lora_meta_torch(indices: torch.Tensor, num_weights: int) -> LoRAMeta:
+    """``build_lora_meta`` from torch ops (a stable argsort, a histogram and scans)."""
     idx = indices.to(torch.int32)
     # -1 rows sort last: key W for them.
     key = torch.where(idx < 0, torch.full_like(idx, num_weights), idx)
