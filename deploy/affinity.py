@@ -43,10 +43,12 @@ class ReplicaLoad:
 def rank_replicas(adapter: str | None, replicas: Sequence[ReplicaLoad],
                   spill_threshold: int) -> list[list[Hashable]]:
     """Ranked candidate lists (most preferred first) of replica ids for one request."""
+    if not replicas:
+        return []
     by_load = sorted(replicas, key=lambda r: r.load)
     everyone = [r.replica_id for r in by_load]
     if not adapter:
-        return [everyone] if everyone else []
+        return [everyone]
     holders = [r for tier in TIERS for r in by_load if r.tier_of(adapter) == tier]
     if not holders:
         return [everyone]
