@@ -351,3 +351,23 @@ def test_preempted_sequence_keeps_its_bound_adapter_version():
     assert calls[:2] == [("x", None), ("y", None)]
     assert all(bound == ("y", 1) for name, bound in calls[2:] if name == "y") and len(calls) > 2
     assert +slots.bound == Counter() and +slots.pins == Counter()
+
+
+def test_victims_are_never_sequences_already_in_the_step():
+    sched, _, _ = make(num_blocks=4, block_size=4, max_num_seqs=4)
+    # An older sequence midway through a long prefill, a newer one decoding: decodes are
+    # planned first, so when the older one then needs blocks, the newer one is already in
+    # the step and must not be the victim.
+    old = seq(range(1, 13), max_tokens=4)
+    new = seq([5, 6, 7, 8], max_tokens=4)
+    new.output_ids.append(9)
+    for s, computed in ((old, 4), (new, 4)):
+        s.status = SeqStatus.RUNNING
+        s.num_computed = computed
+        sched.blocks.grow(s.seq_id, computed)
+        sched.running.append(s)
+    step = sched.schedule()
+    assert [s.seq_id for s in step.plan.seqs] == [new.seq_id]
+    assert old.num_preemptions == 1 and new.num_preemptions == 0
+    for s in step.plan.seqs:  # every planned sequence owns the blocks it writes
+        assert len(sched.blocks.table(s.seq_id)) * 4 >= s.context_len

@@ -145,7 +145,7 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue
-            fits, evicted = self._make_room(seq, seq.num_computed + n)
+            fits, evicted = self._make_room(seq, seq.num_computed + n, entries)
             preempted = preempted or evicted
             if not fits:
                 continue
@@ -167,14 +167,18 @@ class Scheduler:
             seq.num_computed += n
         return ScheduledStep(StepPlan(seqs=tuple(steps), released=released), tuple(entries))
 
-    def _make_room(self, seq: Sequence, total: int) -> tuple[bool, bool]:
-        """Free blocks for ``seq`` by preempting the newest running sequences.
+    def _make_room(self, seq: Sequence, total: int,
+                   scheduled: list[tuple[Sequence, int]]) -> tuple[bool, bool]:
+        """Free blocks for ``seq`` by preempting the newest running sequences not already in
+        this step (their blocks are spoken for); ``seq`` itself goes when nothing else can.
 
         Returns (seq still runs, something was preempted).
         """
         evicted = False
+        taken = {id(s) for s, _ in scheduled}
         while not self.blocks.can_grow(seq.seq_id, total):
-            victim = self.running[-1]
+            victim = next((s for s in reversed(self.running)
+                           if s is not seq and id(s) not in taken), seq)
             self._preempt(victim)
             evicted = True
             if victim is seq:
