@@ -28,7 +28,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
