@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import threading
 from typing import Any
@@ -43,6 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lora_cluster.cluster.ray_session import ensure_ray
 
     config = _config_from_args(args, args.model)  # validate before starting anything
+    # Serve's INFO lines would interleave with our progress lines; warnings still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     settings: dict[str, Any] = {"replicas": args.replicas, "admin_token": args.admin_token,
                                 "spill_threshold": args.spill_threshold}
     stop = threading.Event()
