@@ -409,3 +409,63 @@ def test_step_loop_crash_fails_callers_instead_of_hanging(fake_inspect):
     with pytest.raises(ClusterError, match="step loop crashed"):
         core.submit([1])
     core.shutdown()
+
+
+def _check_result(handle) -> None:
+    """The request finished with tokens of the version it was bound to (or a typed refusal)."""
+    try:
+        res = handle.result(10)
+    except (UnknownAdapterError, CapacityError):
+        return
+    version = res.adapter_version
+    assert list(res.token_ids) == expect(list(res.prompt_token_ids), len(res.token_ids), version)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_adapter_operations_keep_ranks_and_tiers_in_step(fake_inspect, seed):
+    import random
+
+    rng = random.Random(seed)
+    max_loras = rng.randint(1, 3)
+    core, group = make(max_loras=max_loras, max_cpu_loras=max_loras + rng.randint(0, 2))
+    group.step_delay = 0.001
+    names = ["a", "b", "c", "d", "e"]
+    live: list = []
+    try:
+        for _ in range(60):
+            op = rng.random()
+            name = rng.choice(names)
+            try:
+                if op < 0.25:
+                    core.load_adapter(name, f"src-{name}")
+                elif op < 0.35:
+                    core.update_adapter(name, f"src-{name}-{rng.randint(0, 9)}")
+                elif op < 0.45:
+                    core.evict_adapter(name)
+                elif op < 0.5:
+                    core.pin_adapter(name)
+                elif op < 0.6:
+                    core.unpin_adapter(name)
+                else:
+                    adapter = rng.choice([*names, None])
+                    live.append(core.submit([rng.randrange(VOCAB)], adapter,
+                                            SamplingParams(max_tokens=rng.randint(1, 6),
+                                                           ignore_eos=True)))
+            except (UnknownAdapterError, CapacityError, RequestError):
+                pass
+            if rng.random() < 0.2:
+                for h in live:
+                    _check_result(h)
+                live.clear()
+                core.generate([[1]], None, G)  # a step boundary: pending drops flushed
+                with core._lock:
+                    tiers = core.adapters.tiers
+                    host = {core.adapters.keys[t] for t in tiers.host_names()}
+                    assert host == set(group.host)
+                    slots = [None if t is None else core.adapters.keys[t]
+                             for t in tiers.device_slots()]
+                    assert all(s is None or g == s for s, g in zip(slots, group.slots))
+        for h in live:
+            _check_result(h)
+    finally:
+        core.shutdown()

@@ -371,3 +371,41 @@ def test_victims_are_never_sequences_already_in_the_step():
     assert old.num_preemptions == 1 and new.num_preemptions == 0
     for s in step.plan.seqs:  # every planned sequence owns the blocks it writes
         assert len(sched.blocks.table(s.seq_id)) * 4 >= s.context_len
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_workloads_keep_invariants(seed):
+    import random
+
+    rng = random.Random(seed)
+    sched, slots, ranks = make(num_blocks=rng.randint(6, 16), block_size=rng.choice([2, 4]),
+                               max_num_seqs=rng.randint(1, 6), budget=rng.randint(3, 20),
+                               slots=rng.randint(1, 3), watermark=rng.randint(0, 1))
+    pending = []
+    for _ in range(25):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 10))]
+        adapter = rng.choice([None, "a", "b", "c", "d"])
+        pending.append(seq(prompt, max_tokens=rng.randint(1, 8), adapter=adapter))
+    added = []
+    for _ in range(2000):
+        while pending and rng.random() < 0.3:
+            added.append(pending.pop())
+            sched.add(added[-1])
+        step = sched.schedule()
+        if step is None:
+            if not sched.has_work() and not pending:
+                break
+            continue
+        # The step's sequences are running and own the blocks they write.
+        for s, _ in step.entries:
+            assert s.status is SeqStatus.RUNNING
+        sched.apply(step, ranks.run(step.plan))
+        if rng.random() < 0.05 and sched.running:
+            sched.abort(rng.choice(sched.running))
+    assert not sched.has_work() and not pending
+    for s in added:
+        if s.finish_reason != "abort":
+            room = sched.cfg.context_limit - len(s.prompt_ids)
+            assert s.output_ids == expected_tokens(s.prompt_ids, min(s.sampling.max_tokens, room))
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+    assert +slots.pins == Counter() and +slots.bound == Counter()
