@@ -191,7 +191,7 @@ class ControllerCore:
         params = _per_prompt(sampling, len(prompts), "sampling")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], params[i]),
                                    len(prompts))
-        return [h.result(timeout) for h in handles]
+        return _gather(handles, lambda h: h.result(timeout))
 
     def score(self, prompts: Sequence[Prompt],
               adapters: str | Sequence[str | None] | None = None,
@@ -200,7 +200,7 @@ class ControllerCore:
         names = _per_prompt(adapters, len(prompts), "adapters")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], score=True),
                                    len(prompts))
-        return [h.logits(timeout) for h in handles]
+        return _gather(handles, lambda h: h.logits(timeout))
 
     def _submit_all(self, submit_one: Callable[[int], RequestHandle], n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
@@ -378,6 +378,16 @@ class ControllerCore:
             self._thread.join()
         with self._exec:
             self.group.close()
+
+
+def _gather(handles: list[RequestHandle], get: Callable[[RequestHandle], Any]) -> list[Any]:
+    """Every handle's outcome in order; on the first error the rest are cancelled."""
+    try:
+        return [get(h) for h in handles]
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
 
 
 def _eos_ids(spec: ModelSpec, tokenizer: Tokenizer | None) -> tuple[int, ...]:
