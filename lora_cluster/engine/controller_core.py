@@ -33,7 +33,7 @@ from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
 from lora_cluster.engine.rank_group import RankGroup
 from lora_cluster.engine.rank_runtime import context_limit_for
-from lora_cluster.engine.request_handle import RequestHandle
+from lora_cluster.engine.request_handle import RequestHandle, wait_all
 from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
 from lora_cluster.engine.sequence import Sequence as Seq
 from lora_cluster.engine.tokenizer import Tokenizer
@@ -191,7 +191,7 @@ class ControllerCore:
         params = _per_prompt(sampling, len(prompts), "sampling")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], params[i]),
                                    len(prompts))
-        return _gather(handles, lambda h: h.result(timeout))
+        return wait_all(handles, lambda h: h.result(timeout))
 
     def score(self, prompts: Sequence[Prompt],
               adapters: str | Sequence[str | None] | None = None,
@@ -200,7 +200,7 @@ class ControllerCore:
         names = _per_prompt(adapters, len(prompts), "adapters")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], score=True),
                                    len(prompts))
-        return _gather(handles, lambda h: h.logits(timeout))
+        return wait_all(handles, lambda h: h.logits(timeout))
 
     def _submit_all(self, submit_one: Callable[[int], RequestHandle], n: int) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
@@ -378,16 +378,6 @@ class ControllerCore:
             self._thread.join()
         with self._exec:
             self.group.close()
-
-
-def _gather(handles: list[RequestHandle], get: Callable[[RequestHandle], Any]) -> list[Any]:
-    """Every handle's outcome in order; on the first error the rest are cancelled."""
-    try:
-        return [get(h) for h in handles]
-    except BaseException:
-        for h in handles:
-            h.cancel()
-        raise
 
 
 def _eos_ids(spec: ModelSpec, tokenizer: Tokenizer | None) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from lora_cluster.api_types import GenerationResult
@@ -89,3 +89,13 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop the request; it finishes with reason "abort" and the tokens so far."""
         self._cancel(self.request_id)
+
+
+def wait_all(handles: Sequence[RequestHandle], get: Callable[[RequestHandle], Any]) -> list[Any]:
+    """Every handle's outcome in order; on the first error the rest are cancelled."""
+    try:
+        return [get(h) for h in handles]
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
