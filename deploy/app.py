@@ -74,7 +74,8 @@ def build_app(config: ClusterConfig | dict[str, Any], **settings: Any) -> serve.
     if not isinstance(config, ClusterConfig):
         raise ConfigError(f"config: expected a ClusterConfig or a dict, got "
                           f"{type(config).__name__}", field="config")
-    config = config.resolved(cuda_available=_cuda_available())
+    # An explicit "cuda" needs no GPU in sight now: the rank bundles wait for GPU nodes.
+    config = config.resolved(cuda_available=config.device == "cuda" or _cuda_available())
     bundles = replica_bundles(config, app_settings)
     # RayRankGroup asks rank_resources(config) for each actor: make it ask for the bundle.
     config = config.replace(num_cpus_per_rank=bundles[1]["CPU"])
