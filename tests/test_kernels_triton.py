@@ -68,8 +68,22 @@ def _rand(gen: torch.Generator, *shape: int, scale: float = 1.0,
     return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# The default suite runs every forced path in both dtypes and the heuristic path in float16;
+# the rest of the product is marked slow.
+LINEAR_PARAMS = [
+    pytest.param(v, d, marks=[pytest.mark.slow] if (v, d) == ("auto", torch.float32) else [],
+                 id=f"{v}-{str(d).split('.')[-1]}")
+    for v in VARIANTS for d in DTYPES
+]
+MOE_PARAMS = [
+    pytest.param(p, d, marks=[pytest.mark.slow] if (d, p) in (
+        (torch.float16, "identical"), (torch.float16, "uniform")) else [],
+        id=f"{p}-{str(d).split('.')[-1]}")
+    for p in ("identical", "uniform", "skewed") for d in DTYPES
+]
+
+
+@pytest.mark.parametrize(("variant", "dtype"), LINEAR_PARAMS)
 @pytest.mark.parametrize("n_slices", [1, 2, 3])
 @pytest.mark.parametrize("popularity", testing.POPULARITIES)
 def test_lora_linear(popularity: str, n_slices: int, variant: str, dtype: torch.dtype) -> None:
@@ -160,8 +174,7 @@ def _moe_case(gen: torch.Generator, dtype: torch.dtype, skew: str, popularity: s
     return x, wts.to(DEVICE), ids.to(DEVICE), w13, w2, expert_map, lora, slots
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("popularity", ["identical", "uniform", "skewed"])
+@pytest.mark.parametrize(("popularity", "dtype"), MOE_PARAMS)
 @pytest.mark.parametrize("skew", testing.ROUTINGS)
 def test_fused_moe(skew: str, popularity: str, dtype: torch.dtype) -> None:
     from lora_kernels import moe
