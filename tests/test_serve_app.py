@@ -160,6 +160,38 @@ def test_stream_chunks_concatenate_to_the_full_text(app, adapters, reference) ->
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == MAX_NEW
 
 
+def test_multi_prompt_stream_interleaves_choices(app, adapters, reference) -> None:
+    with app["client"].stream("POST", "/v1/completions",
+                              json={"model": "chat", "prompt": PROMPTS, "max_tokens": MAX_NEW,
+                                    "temperature": 0, "ignore_eos": True, "stream": True,
+                                    "return_token_ids": True}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    for index, want in enumerate(reference["chat"]):
+        choices = [c for e in events for c in e["choices"] if c["index"] == index]
+        assert [t for c in choices for t in c["token_ids"]] == list(want.token_ids)
+        assert "".join(c["text"] for c in choices) == want.text
+
+
+def test_deployment_handle_speaks_the_python_api(app, adapters, reference) -> None:
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LoRAServer", APP)
+    greedy = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    results = handle.options(multiplexed_model_id="sql").generate.remote(
+        PROMPTS, "sql", greedy).result(timeout_s=120)
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference["sql"]]
+    names = {i.name for i in handle.list_adapters.remote().result(timeout_s=60)}
+    assert {"sql", "chat"} <= names
+    refs = handle.score.remote([PROMPTS[0]], "sql").result(timeout_s=60)
+    (logits,) = ray.get(refs)
+    assert logits.shape[0] == len(PROMPTS[0]) and str(logits.dtype) == "torch.float32"
+    stats = handle.stats.remote().result(timeout_s=60)
+    assert stats["replica_id"] and "requests_by_adapter" in stats
+
+
 def test_models_list_base_and_adapters_with_residency(app, adapters) -> None:
     data = app["client"].get("/v1/models").json()
     ids = [m["id"] for m in data["data"]]
