@@ -65,6 +65,10 @@ class NameGroups:
         bounds = np.searchsorted(self.group_of[order], np.arange(len(self.templates) + 1))
         return order, bounds
 
+    def first_position(self, group: int) -> int:
+        """Input position of the first name of template ``group`` (one vectorized scan)."""
+        return int(np.argmax(self.group_of == group))
+
     def positions(self, group: int) -> np.ndarray:
         """Input positions of the names of template ``group`` (ascending)."""
         order, bounds = self._by_group

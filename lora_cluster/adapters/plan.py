@@ -267,7 +267,7 @@ def _fused_targets(p: _Planner, module: str, a: int, b: int, layers: tuple[int, 
     elif a_in == {i} and b_out == {h}:
         which, parts = "down_proj", (("experts.down_proj", None),)
     else:
-        pos = int(p.verdict.groups.positions(a)[0])
+        pos = p.verdict.groups.first_position(a)
         p._raise_shape(pos, (e * p.config.r, h), f"a fused expert wrapper (gate_up_proj: A "
                        f"[E·R, {h}] with B [{2 * i}, E·R]; down_proj: A [E·R, {i}] with B [{h}, E·R])")
     key = module.replace(".base_layer", "").replace("block_sparse_moe", "mlp") + "." + which

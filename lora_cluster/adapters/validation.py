@@ -65,7 +65,7 @@ def _example(groups: NameGroups, group: int, index_row: np.ndarray | None = None
     """A concrete tensor name of ``group`` (its first name, or the given index values)."""
     template = groups.templates[group]
     if index_row is None:
-        index_row = groups.indices[int(groups.positions(group)[0])]
+        index_row = groups.indices[groups.first_position(group)]
     return fill_template(template, [int(v) for v in index_row[: template.count("*")]])
 
 
