@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from lora_cluster.errors import ClusterError, LoRAClusterError
 DEFAULT_NAME = "default"
 STATE_DIR = Path(os.environ.get("LORA_CLUSTER_STATE_DIR", Path.home() / ".cache" / "lora_cluster"))
 # ClusterConfig fields the CLI does not expose as flags (set elsewhere or not scalar).
+HEAD_AUTH_MODE = "token"
 _HIDDEN_FIELDS = {"model", "extra_env", "adapter_roots", "address"}
 
 
@@ -74,9 +76,12 @@ def _state(name: str) -> dict[str, Any]:
 
 def _connect(args: argparse.Namespace) -> Any:
     """The named cluster, at --address, else where ``start`` recorded it, else Ray's 'auto'."""
+    state = _state(args.name)
+    address = args.address or state.get("address") or "auto"
+    if state.get("auth_mode") and not args.address:
+        os.environ["RAY_AUTH_MODE"] = state["auth_mode"]  # before Ray is imported
     from lora_cluster.cluster.handle import Cluster
 
-    address = args.address or _state(args.name).get("address") or "auto"
     return Cluster.connect(args.name, address=address, namespace=args.namespace)
 
 
@@ -104,19 +109,23 @@ def _state_file(name: str) -> Path:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from lora_cluster.cluster.handle import Cluster
-
     config = _config_from_args(args, args.model)  # validate before starting anything
-    head_pgid = None
+    head_session, head_pgid = None, None
     address = args.address
     if address is None:
+        # Token auth on the head we own; set before Ray is imported (it reads the mode then).
+        os.environ["RAY_AUTH_MODE"] = HEAD_AUTH_MODE
         with progress("starting a local Ray head", not args.json):
-            address, head_pgid = _start_head(_state_file(args.name).with_suffix(".ray.log"))
+            address, head_session, head_pgid = _start_head(
+                _state_file(args.name).with_suffix(".ray.log"))
+    from lora_cluster.cluster.handle import Cluster
+
     config = config.replace(address=address)
     with progress(f"starting cluster {args.name!r} ({config.world_size} ranks)", not args.json):
         cluster = Cluster.start(config, name=args.name)
     state = {"name": args.name, "address": address, "namespace": config.namespace,
-             "head_pgid": head_pgid, "model": args.model}
+             "head_session": head_session, "head_pgid": head_pgid,
+             "auth_mode": HEAD_AUTH_MODE if head_session else None, "model": args.model}
     _state_file(args.name).parent.mkdir(parents=True, exist_ok=True)
     _state_file(args.name).write_text(json.dumps(state))
     stats = cluster.stats()
@@ -134,11 +143,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     with progress(f"stopping cluster {args.name!r}", not args.json):
         cluster = _connect(args)
         cluster.shutdown()
-        if state.get("head_pgid"):
+        if state.get("head_session"):
             import ray
 
             ray.shutdown()
-            _stop_head(int(state["head_pgid"]))
+            _stop_head(state["head_session"], state.get("head_pgid"))
     state_path.unlink(missing_ok=True)
     if args.json:
         print_json({"stopped": args.name})
@@ -147,8 +156,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_head(log_path: Path, timeout_s: float = 120.0) -> tuple[str, int]:
-    """A Ray head in its own process group that outlives the CLI; (address, group id)."""
+_SESSION = re.compile(rb"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+
+
+def _start_head(log_path: Path, timeout_s: float = 120.0) -> tuple[str, str, int]:
+    """A Ray head that outlives the CLI: (address, Ray session name, `ray start` group id)."""
     port = _free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -161,29 +173,44 @@ def _start_head(log_path: Path, timeout_s: float = 120.0) -> tuple[str, int]:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ClusterError(f"ray start exited with {proc.returncode}; see {log_path}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return f"127.0.0.1:{port}", proc.pid
+        text = log_path.read_bytes()
+        # The GCS port opens before the head is ready; `ray start` prints this once it is.
+        session = _SESSION.search(text)
+        if b"Ray runtime started" in text and session:
+            return f"127.0.0.1:{port}", session.group().decode(), proc.pid
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     raise ClusterError(f"ray head did not come up within {timeout_s:.0f}s; see {log_path}")
 
 
-def _stop_head(pgid: int, timeout_s: float = 30.0) -> None:
-    """Stop the head ``start`` launched, and only it (``ray stop`` would stop every Ray here)."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _stop_head(session: str, pgid: int | None, timeout_s: float = 8.0) -> None:
+    """Stop every process of the head ``start`` launched, and only those (``ray stop`` would
+    stop every Ray on this machine): the `ray start` process group, and the daemons, which
+    all carry the head's session name on their command line."""
+
+    def signal_all(sig: signal.Signals) -> None:
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        subprocess.run(["pkill", f"-{sig.name[3:]}", "-f", session], capture_output=True)
+
+    def alive() -> bool:
+        if subprocess.run(["pgrep", "-f", session], capture_output=True).returncode == 0:
+            return True
+        if pgid is None:
+            return False
         try:
             os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if alive():
+        signal_all(signal.SIGKILL)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -314,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI promises a one-line cause
+    except Exception as exc:
         print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr)
         return 1

@@ -61,7 +61,7 @@ class Cluster:
         """Start a replica. With ``name`` it is detached and ``Cluster.connect(name)`` finds it."""
         from lora_cluster.cluster.controller_actor import ControllerActor
 
-        ensure_ray(config.address, config.namespace)
+        ensure_ray(config.address, config.namespace, connect_timeout_s=30.0)
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         config = config.resolved(cuda_available=gpus)
         placement = create_placement(config, name=name)
