@@ -15,6 +15,7 @@ Ranges are [start, stop); ``None`` means the whole dimension.
 from __future__ import annotations
 
 import contextlib
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,6 +53,11 @@ class TensorReader:
         self._buf: np.ndarray | None = None
         if table.tensors is None:
             self._buf = np.memmap(table.path, dtype=np.uint8, mode="r")
+            mm = getattr(self._buf, "_mmap", None)
+            if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+                # No readahead: a fault maps only its own page, so the neighbouring (remote)
+                # experts' bytes are not paged into this rank.
+                mm.madvise(mmap.MADV_RANDOM)
 
     def __enter__(self) -> TensorReader:
         return self
