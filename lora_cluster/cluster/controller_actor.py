@@ -59,6 +59,9 @@ class ControllerActorImpl:
     def load_adapter(self, name: str, source: str) -> AdapterInfo:
         return self._core().load_adapter(name, source)
 
+    def register_adapters(self, sources: list[tuple[str, str]]) -> list[AdapterInfo]:
+        return self._core().register_adapters(sources)
+
     def update_adapter(self, name: str, source: str) -> AdapterInfo:
         return self._core().update_adapter(name, source)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -115,6 +115,12 @@ class Cluster:
     # ---- adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, source: str) -> AdapterInfo:
         return self._call("load_adapter", name, str(source))
+
+    def register_adapters(self, sources: Mapping[str, str] | Sequence[tuple[str, str]]
+                          ) -> list[AdapterInfo]:
+        """Validate and register adapters without loading them: each loads on first use."""
+        items = list(sources.items()) if isinstance(sources, Mapping) else list(sources)
+        return self._call("register_adapters", [(str(n), str(s)) for n, s in items])
 
     def update_adapter(self, name: str, source: str) -> AdapterInfo:
         return self._call("update_adapter", name, str(source))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lora_cluster.adapters import AdapterTiers, FailedLoads
@@ -122,6 +122,51 @@ class AdapterControl:
         rec.record_load(results, (time.perf_counter() - start) * 1e3)
         self.records[name] = rec
         return rec.info(self.residency_of(rec))
+
+    def inspect_many(self, sources: Mapping[str, str] | Sequence[tuple[str, str]]
+                     ) -> list[tuple[str, str, str, AdapterMeta]]:
+        """(name, source, path, meta) of every adapter, validated; the first refusal raises
+        (and is remembered like a failed load). No lock needed: nothing shared is read."""
+        items = list(sources.items()) if isinstance(sources, Mapping) else list(sources)
+        seen: dict[str, str] = {}
+        for name, source in items:
+            if seen.setdefault(name, source) != source:
+                raise RequestError(f"name: adapter {name!r} is listed twice with different "
+                                   f"sources ({seen[name]!r}, {source!r})", field="name")
+        out = []
+        for name, source in seen.items():
+            source = str(source)
+            self.check_failed(name, source)
+            try:
+                path, meta = self.inspect(name, source)
+            except LoRAClusterError as err:
+                self.remember_failure(name, source, err)
+                raise
+            out.append((name, source, path, meta))
+        return out
+
+    def register_on_disk(self, checked: list[tuple[str, str, str, AdapterMeta]]
+                         ) -> list[AdapterInfo]:
+        """Register validated adapters without reading their tensors (residency "registered");
+        each one's first request loads it like an evicted adapter. All or nothing; a name
+        already registered from the same source is left as it is. Needs ``lock`` only: no
+        rank command is sent."""
+        for name, source, _, _ in checked:
+            rec = self.records.get(name)
+            if rec is not None and rec.source != source:
+                raise RequestError(
+                    f"adapter {name!r} is already registered from {rec.source!r}; use "
+                    f"update_adapter to replace its weights or evict_adapter first", field="name")
+        out = []
+        for name, source, path, meta in checked:
+            if name not in self.records:
+                key = (name, self.next_version(name))
+                self.records[name] = AdapterRecord(name=name, source=source, path=path,
+                                                   meta=meta, version=key[1])
+                self.keys[tier_id(key)] = key
+                self.paths[key] = path
+            out.append(self.info(name))
+        return out
 
     def update_locked(self, name: str, source: str, path: str, meta: AdapterMeta) -> AdapterInfo:
         """Stage a new version on every rank; it becomes current at once (between steps),

@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lora_cluster.api_types import AdapterInfo, GenerationResult
@@ -116,6 +116,17 @@ class ControllerCore:
             with self._cv:
                 self.adapters.loading.pop(name, None)
                 self._cv.notify_all()
+
+    def register_adapters(self, sources: Mapping[str, str] | Sequence[tuple[str, str]]
+                          ) -> list[AdapterInfo]:
+        """Validate adapters (config + header) and register them on disk only: each loads on
+        its first request. All or nothing: a bad one raises its typed error, none registers."""
+        checked = self.adapters.inspect_many(sources)
+        names = {c[0] for c in checked}
+        with self._cv:
+            self._check_open()
+            self._cv.wait_for(lambda: names.isdisjoint(self.adapters.loading))
+            return self.adapters.register_on_disk(checked)
 
     def update_adapter(self, name: str, source: str) -> AdapterInfo:
         """Load new weights for ``name`` as a new version; the switch happens between steps.
