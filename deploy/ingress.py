@@ -129,63 +129,43 @@ class OpenAIIngress:
                                      "x-lora-arrival": batch.arrival})
 
     async def _stream(self, req_id: str, plan: CompletionPlan) -> Any:
-        handle = self._server_for(plan.adapter).options(stream=True)
-        gens = [handle.stream.remote(p, plan.adapter, plan.sampling) for p in plan.prompts]
+        # One call streams every prompt from one replica (batched together, as non-streamed
+        # completions are).
+        gen = self._server_for(plan.adapter).options(stream=True).stream.remote(
+            list(plan.prompts), plan.adapter, plan.sampling)
         try:
             # The first chunk confirms admission: errors (unknown adapter, bad prompt) still
             # get their status code here instead of a 200 stream that fails later.
-            firsts = [await gen.__anext__() for gen in gens]
+            first = await gen.__anext__()
         except BaseException:
-            for gen in gens:
-                gen.cancel()
+            gen.cancel()
             raise
-        headers = {"x-lora-replica": ",".join(f.replica_id for f in firsts),
-                   "x-lora-arrival": ",".join(f.arrival for f in firsts),
+        headers = {"x-lora-replica": first.replica_id, "x-lora-arrival": first.arrival,
                    "cache-control": "no-cache"}
-        return StreamingResponse(self._events(req_id, plan, gens), headers=headers,
+        return StreamingResponse(self._events(req_id, plan, gen), headers=headers,
                                  media_type="text/event-stream")
 
-    async def _events(self, req_id: str, plan: CompletionPlan, gens: list[Any],
-                      ) -> AsyncIterator[str]:
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-        async def pump(index: int, gen: Any) -> None:
-            try:
-                async for chunk in gen:
-                    await queue.put((index, chunk))
-            except Exception as exc:  # reported in the stream
-                await queue.put((index, exc))
-            finally:
-                await queue.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    async def _events(self, req_id: str, plan: CompletionPlan, gen: Any) -> AsyncIterator[str]:
         prompt_tokens = completion_tokens = 0
-        remaining = len(gens)
+        finished = False
         try:
-            while remaining:
-                index, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    yield sse(error_body(as_typed(item)))
-                    break
-                else:
-                    if item.text or item.finish_reason or (plan.return_token_ids
-                                                           and item.token_ids):
-                        yield stream_event(req_id, plan, index, item.text, item.token_ids,
-                                           item.finish_reason)
-                    if item.finish_reason:
-                        prompt_tokens += item.prompt_tokens
-                        completion_tokens += item.completion_tokens
-            else:
-                if plan.include_usage:
-                    yield usage_event(req_id, plan, prompt_tokens, completion_tokens)
-            yield SSE_DONE
+            async for chunk in gen:
+                if chunk.text or chunk.finish_reason or (plan.return_token_ids
+                                                         and chunk.token_ids):
+                    yield stream_event(req_id, plan, chunk.index, chunk.text, chunk.token_ids,
+                                       chunk.finish_reason)
+                if chunk.finish_reason:
+                    prompt_tokens += chunk.prompt_tokens
+                    completion_tokens += chunk.completion_tokens
+            finished = True
+            if plan.include_usage:
+                yield usage_event(req_id, plan, prompt_tokens, completion_tokens)
+        except Exception as exc:  # the status line is sent: report it in the stream
+            yield sse(error_body(as_typed(exc)))
         finally:
-            for task in tasks:
-                task.cancel()
-            for gen in gens:
+            if not finished:  # client gone or failed: stop the generation on the replica
                 gen.cancel()
+        yield SSE_DONE
 
     # ---- models and adapters ---------------------------------------------------------------
     @api.get("/v1/models")

@@ -223,15 +223,20 @@ class ReplicaService:
             self.counters.left()
         return ServedBatch(tuple(results), self.replica_id, arrival)
 
-    def submit(self, prompt: Prompt, adapter: str | None,
-               sampling: SamplingParams | None = None) -> tuple[RequestHandle, str]:
-        """Queue one request for streaming; call ``finished()`` when its stream ends."""
-        arrival = self._arrive([adapter], 1)
+    def submit_many(self, prompts: Sequence[Prompt], adapter: str | None,
+                    sampling: SamplingParams | None = None) -> tuple[list[RequestHandle], str]:
+        """Queue prompts for streaming (all or none); call ``finished()`` when done."""
+        arrival = self._arrive([adapter] * len(prompts), len(prompts))
+        handles: list[RequestHandle] = []
         try:
-            return self.core.submit(prompt, adapter, sampling), arrival
+            for prompt in prompts:
+                handles.append(self.core.submit(prompt, adapter, sampling))
         except BaseException:
+            for handle in handles:
+                handle.cancel()
             self.counters.left()
             raise
+        return handles, arrival
 
     def finished(self) -> None:
         self.counters.left()

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 # Serve pickles this module *by value* into every process holding a handle, so it must not
 # hold state: the tally lives in deploy.affinity, which is imported there by reference.
 from deploy.affinity import ReplicaLoad, classify, rank_replicas, record_decision
 
 
-class AdapterAffinityRouter(RequestRouter):
-    """Prefer replicas holding the request's adapter; spill when they are saturated."""
+class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Prefer replicas holding the request's adapter; spill when they are saturated.
+
+    The mixins only change how a chosen replica is handed to a waiting request: first to one
+    for the same adapter, else in arrival order. The base class matches by request id, which
+    concurrent calls made while serving one request share — the second of them would wait
+    forever.
+    """
 
     def initialize_state(self, spill_threshold: int = 64, **_: Any) -> None:
         self.spill_threshold = int(spill_threshold)
@@ -38,7 +51,12 @@ class AdapterAffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None,
                               ) -> list[list[RunningReplica]]:
-        adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
+        adapter = ""
+        if pending_request is not None:
+            adapter = pending_request.metadata.multiplexed_model_id
+            # Back off between rounds when no ranked replica accepts (probes time out, queues
+            # are full); without it Serve's routing loop spins and starves the process.
+            pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id: r for r in candidate_replicas}
         ranks = rank_replicas(adapter or None, [self._view(r) for r in candidate_replicas],
                               getattr(self, "spill_threshold", 64))

@@ -20,7 +20,7 @@ from ray import serve
 from deploy.directory_client import HandleDirectory
 from deploy.replica import ReplicaService, ServedBatch
 from deploy.settings import AppSettings
-from deploy.streaming import StreamChunk, stream_handle
+from deploy.streaming import StreamChunk, merge_streams, stream_handle
 from lora_cluster.api_types import AdapterInfo, GenerationResult
 from lora_cluster.cluster.handle import normalize_adapters
 from lora_cluster.config import ClusterConfig, SamplingParams
@@ -89,20 +89,27 @@ class LoRAServer:
         names = normalize_adapters(adapters, len(prompt_list))
         return await self._run(self.service.generate, prompt_list, names, sampling)
 
-    async def stream(self, prompt: Prompt, adapter: str | None,
+    async def stream(self, prompts: Sequence[Prompt] | str, adapter: str | None,
                      sampling: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
-        """Token chunks of one request; the first chunk is empty and confirms admission."""
-        handle, arrival = await self._run(self.service.submit, prompt, adapter, sampling)
+        """Token chunks of every prompt (``chunk.index``) as they come; the first chunk is
+        empty and confirms admission, so errors surface before any streaming starts."""
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        handles, arrival = await self._run(self.service.submit_many, prompt_list, adapter,
+                                           sampling)
         meta = {"replica_id": self.service.replica_id, "arrival": arrival}
         try:
             yield StreamChunk((), "", **meta)
             tokenizer = self.service.core.tokenizer
             decode = tokenizer.decode if tokenizer is not None else None
-            async for chunk in stream_handle(handle, self._pool, decode, **meta):
+            streams = [stream_handle(h, self._pool, decode, index=i, **meta)
+                       for i, h in enumerate(handles)]
+            async for chunk in merge_streams(streams):
                 yield chunk
         finally:
-            if not handle.done:
-                handle.cancel()
+            for handle in handles:
+                if not handle.done:
+                    # The engine's lock may be held by an adapter load: never wait on the loop.
+                    self._pool.submit(handle.cancel)
             self.service.finished()
 
     # ---- Serve hooks ---------------------------------------------------------------------

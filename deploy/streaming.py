@@ -25,6 +25,7 @@ class StreamChunk:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None = None
+    index: int = 0  # which prompt of the request
     prompt_tokens: int = 0
     completion_tokens: int = 0
     replica_id: str = ""
@@ -70,7 +71,7 @@ _END = object()
 
 async def stream_handle(handle: RequestHandle, pool: Executor,
                         decode: Callable[[Sequence[int]], str] | None,
-                        prompt_tokens: int = 0, **meta: Any) -> AsyncIterator[StreamChunk]:
+                        **meta: Any) -> AsyncIterator[StreamChunk]:
     """Chunks of ``handle``'s tokens as they come; cancels the request if the consumer leaves."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -112,10 +113,43 @@ async def stream_handle(handle: RequestHandle, pool: Executor,
             if text is not None and outcome.text is not None:
                 delta += text.finish(outcome.text)
             yield StreamChunk(tokens, delta, finish_reason=outcome.finish_reason,
-                              prompt_tokens=prompt_tokens or len(outcome.prompt_token_ids),
+                              prompt_tokens=len(outcome.prompt_token_ids),
                               completion_tokens=len(outcome.token_ids), **meta)
             return
     finally:
-        # The consumer left early (client gone, or an error): stop generating for it.
+        # The consumer left early (client gone, or an error): stop generating for it, from a
+        # worker thread (cancelling takes the engine's lock, which an adapter load may hold).
         if not handle.done:
-            handle.cancel()
+            pool.submit(handle.cancel)
+
+
+async def merge_streams(streams: list[AsyncIterator[StreamChunk]]) -> AsyncIterator[StreamChunk]:
+    """Chunks of several streams as they come (each chunk keeps its ``index``)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield chunk
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def drain(stream: AsyncIterator[StreamChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put(chunk)
+            await queue.put(None)
+        except BaseException as exc:  # re-raised on the consumer side
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(drain(s)) for s in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
