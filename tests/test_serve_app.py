@@ -232,6 +232,13 @@ def test_corrupt_adapter_is_422_and_the_rest_keep_serving(app, adapters, referen
     assert [c["token_ids"] for c in ok.json()["choices"]] == [
         list(w.token_ids) for w in reference["chat"]]
 
+    def failures() -> float:
+        fam = _metrics(client).get("lora_adapter_load_failures")
+        return sum(x.value for x in fam.samples if x.labels["cause"] == "adapter_format"
+                   and x.name.endswith("_total")) if fam else 0
+
+    assert _wait(lambda: failures() >= 1, what="load failure counted by cause")
+
 
 def test_bad_requests_are_400_with_the_field(app, adapters) -> None:
     client = app["client"]

@@ -51,6 +51,11 @@ def test_serve_run_builder_takes_one_dict_of_strings() -> None:
     assert server._deployment_config.num_replicas == 2 and server.init_args[0].max_loras == 4
     with pytest.raises(ConfigError, match="replicaz"):
         app({"model": "/m", "replicaz": 2})
+    # What `serve run deploy.app:app model=...` does with the import path and its arguments.
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    built = call_user_app_builder_with_args_if_necessary(app, {"model": "/m", "device": "cpu"})
+    assert _server(built).init_args[0].model == "/m"
 
 
 @pytest.mark.parametrize("serve_config", ["serve_config.yaml", "kuberay/rayservice.yaml"])
