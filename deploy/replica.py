@@ -26,7 +26,7 @@ from typing import Any
 
 from deploy.directory_client import DirectoryClient
 from deploy.directory_state import DirectoryView
-from deploy.replica_stats import LoadWatcher, ServingCounters
+from deploy.replica_stats import LoadWatcher, ServingCounters, replica_report
 from lora_cluster.api_types import AdapterInfo, GenerationResult
 from lora_cluster.config import SamplingParams
 from lora_cluster.engine.controller_core import ControllerCore
@@ -316,26 +316,8 @@ class ReplicaService:
         with self._state:
             self._residency = residency
             generation = self._view.generation
-        tiers = stats.get("tiers", {})
-        return {
-            "replica_id": self.replica_id,
-            "world_size": stats.get("world_size", 1),
-            "device": stats.get("device"),
-            "max_loras": self.core.config.max_loras,
-            "max_cpu_loras": self.core.config.max_cpu_loras,
-            "slots_used": sum(1 for s in tiers.get("device_slots", []) if s is not None),
-            "host_used": len(tiers.get("host_lru", ())),
-            "residency": residency,
-            "queue_depth": stats.get("queue_depth", 0),
-            "running": stats.get("num_running", 0),
-            "tokens_per_s": stats.get("tokens_per_s", 0.0),
-            "generated_tokens": stats.get("generated_tokens", 0),
-            "rank_group_restarts": stats.get("rank_group_restarts", 0),
-            "load_failures_by_cause": dict(stats.get("failed_loads_by_cause", {})),
-            "load_histogram": self.loads.histogram.as_dict(),
-            "generation": generation,
-            **self.counters.as_dict(),
-        }
+        return replica_report(self.replica_id, stats, self.core.config, residency,
+                              self.loads, self.counters, generation)
 
     def _report(self) -> None:
         report = self._refresh()

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lora_cluster.api_types import AdapterInfo
+from lora_cluster.config import ClusterConfig
 
 # Upper bounds (ms) of the load-latency buckets; the last bucket is +Inf.
 LOAD_BUCKETS_MS: tuple[float, ...] = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
@@ -82,3 +83,29 @@ class ServingCounters:
         with self._lock:
             return {"requests_by_adapter": dict(self.requests),
                     "arrivals_by_residency": dict(self.arrivals), "ongoing": self.ongoing}
+
+
+def replica_report(replica_id: str, stats: dict[str, Any], config: ClusterConfig,
+                   residency: dict[str, str], loads: LoadWatcher, counters: ServingCounters,
+                   generation: int) -> dict[str, Any]:
+    """What a replica sends the directory each period (the source of every metric)."""
+    tiers = stats.get("tiers", {})
+    return {
+        "replica_id": replica_id,
+        "world_size": stats.get("world_size", 1),
+        "device": stats.get("device"),
+        "max_loras": config.max_loras,
+        "max_cpu_loras": config.max_cpu_loras,
+        "slots_used": sum(1 for s in tiers.get("device_slots", []) if s is not None),
+        "host_used": len(tiers.get("host_lru", ())),
+        "residency": residency,
+        "queue_depth": stats.get("queue_depth", 0),
+        "running": stats.get("num_running", 0),
+        "tokens_per_s": stats.get("tokens_per_s", 0.0),
+        "generated_tokens": stats.get("generated_tokens", 0),
+        "rank_group_restarts": stats.get("rank_group_restarts", 0),
+        "load_failures_by_cause": dict(stats.get("failed_loads_by_cause", {})),
+        "load_histogram": loads.histogram.as_dict(),
+        "generation": generation,
+        **counters.as_dict(),
+    }
