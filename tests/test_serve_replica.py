@@ -18,7 +18,12 @@ from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.controller_core import ControllerCore
 from lora_cluster.engine.rank_group import LocalRankGroup
 from lora_cluster.engine.tokenizer import Tokenizer
-from lora_cluster.errors import AdapterFormatError, RequestError, UnknownAdapterError
+from lora_cluster.errors import (
+    AdapterFormatError,
+    ClusterError,
+    RequestError,
+    UnknownAdapterError,
+)
 from lora_cluster.model.spec import load_model_spec
 from lora_cluster.testing import write_adapter
 
@@ -136,3 +141,15 @@ def test_a_restarted_directory_learns_adapters_back(pair, fixture_cache) -> None
     assert directory.state.lookup("kept").source == str(path)
     assert _tokens(a, "kept") == _tokens(b, "kept")
     _wait(lambda: {r.replica_id for r in directory.state.live()} == {"r0", "r1"})
+
+
+def test_health_fails_once_the_core_is_down(fixture_cache) -> None:
+    service = ReplicaService(_core(fixture_cache.model("qwen3_moe")), LocalDirectory(),
+                             replica_id="solo", report_period_s=0.1)
+    service.start()
+    assert service.check_health()["ok"]
+    stats = service.stats()
+    assert stats["replica_id"] == "solo" and stats["ongoing"] == 0
+    service.shutdown()
+    with pytest.raises(ClusterError, match="solo"):
+        service.check_health()
