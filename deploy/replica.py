@@ -216,20 +216,20 @@ class ReplicaService:
     def generate(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
                  sampling: SamplingParams | None = None) -> ServedBatch:
         """Run prompts (one adapter name or None each) to completion on this replica."""
-        arrival = self._arrive(adapters, len(prompts))
+        handles, arrival = self.submit_many(prompts, adapters, sampling)
         try:
-            results = self.core.generate(list(prompts), list(adapters), sampling)
+            results = collect(handles)
         finally:
-            self.counters.left()
-        return ServedBatch(tuple(results), self.replica_id, arrival)
+            self.finished()
+        return ServedBatch(results, self.replica_id, arrival)
 
-    def submit_many(self, prompts: Sequence[Prompt], adapter: str | None,
+    def submit_many(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
                     sampling: SamplingParams | None = None) -> tuple[list[RequestHandle], str]:
-        """Queue prompts for streaming (all or none); call ``finished()`` when done."""
-        arrival = self._arrive([adapter] * len(prompts), len(prompts))
+        """Queue prompts (all or none), one adapter or None each; call ``finished()`` after."""
+        arrival = self._arrive(adapters, len(prompts))
         handles: list[RequestHandle] = []
         try:
-            for prompt in prompts:
+            for prompt, adapter in zip(prompts, adapters, strict=True):
                 handles.append(self.core.submit(prompt, adapter, sampling))
         except BaseException:
             for handle in handles:
@@ -364,3 +364,13 @@ def _with_residency(info: AdapterInfo, residency: str) -> AdapterInfo:
     import dataclasses
 
     return dataclasses.replace(info, residency=residency)  # type: ignore[arg-type]
+
+
+def collect(handles: Sequence[RequestHandle]) -> tuple[GenerationResult, ...]:
+    """Every handle's result in order; on the first failure the rest are cancelled."""
+    try:
+        return tuple(h.result() for h in handles)
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise

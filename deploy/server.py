@@ -18,7 +18,7 @@ import ray
 from ray import serve
 
 from deploy.directory_client import HandleDirectory
-from deploy.replica import ReplicaService, ServedBatch
+from deploy.replica import ReplicaService, ServedBatch, collect
 from deploy.settings import AppSettings
 from deploy.streaming import StreamChunk, merge_streams, stream_handle
 from lora_cluster.api_types import AdapterInfo, GenerationResult
@@ -84,18 +84,32 @@ class LoRAServer:
     async def complete(self, prompts: Sequence[Prompt] | str,
                        adapters: str | Sequence[str | None] | None = None,
                        sampling: SamplingParams | None = None) -> ServedBatch:
-        """Generate and say which replica served it and where the adapter was (ingress)."""
+        """Generate and say which replica served it and where the adapter was (ingress).
+
+        If the caller goes away (Serve cancels this coroutine), the requests are aborted
+        instead of running to completion for nobody."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         names = normalize_adapters(adapters, len(prompt_list))
-        return await self._run(self.service.generate, prompt_list, names, sampling)
+        handles, arrival = await self._run(self.service.submit_many, prompt_list, names,
+                                           sampling)
+        try:
+            results = await self._run(collect, handles)
+        except BaseException:
+            for handle in handles:
+                if not handle.done:
+                    self._pool.submit(handle.cancel)
+            raise
+        finally:
+            self.service.finished()
+        return ServedBatch(results, self.service.replica_id, arrival)
 
     async def stream(self, prompts: Sequence[Prompt] | str, adapter: str | None,
                      sampling: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Token chunks of every prompt (``chunk.index``) as they come; the first chunk is
         empty and confirms admission, so errors surface before any streaming starts."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        handles, arrival = await self._run(self.service.submit_many, prompt_list, adapter,
-                                           sampling)
+        handles, arrival = await self._run(self.service.submit_many, prompt_list,
+                                           [adapter] * len(prompt_list), sampling)
         meta = {"replica_id": self.service.replica_id, "arrival": arrival}
         try:
             yield StreamChunk((), "", **meta)

@@ -4,8 +4,10 @@ tiny Qwen3-MoE) sharing one ``LocalDirectory`` — the registry semantics the Se
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from deploy.directory_client import LocalDirectory
 from deploy.directory_state import DirectoryState
 from deploy.replica import ReplicaService
+from deploy.streaming import merge_streams, stream_handle
 from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.controller_core import ControllerCore
 from lora_cluster.engine.rank_group import LocalRankGroup
@@ -153,3 +156,28 @@ def test_health_fails_once_the_core_is_down(fixture_cache) -> None:
     service.shutdown()
     with pytest.raises(ClusterError, match="solo"):
         service.check_health()
+
+
+def test_streams_merge_by_index_and_leaving_early_aborts(pair) -> None:
+    a, _, _ = pair
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        with ThreadPoolExecutor(4) as pool:
+            handles, _ = a.submit_many([PROMPT, [1, 2, 3]], [None, None], GREEDY)
+            chunks = [c async for c in merge_streams(
+                [stream_handle(h, pool, a.core.tokenizer.decode, index=i)
+                 for i, h in enumerate(handles)])]
+            (slow,), _ = a.submit_many([PROMPT], [None], long)
+            gen = stream_handle(slow, pool, a.core.tokenizer.decode)
+            await gen.__anext__()
+            await gen.aclose()  # the client went away
+            return chunks, [slow.result(timeout=30)]
+
+    chunks, (aborted,) = asyncio.run(run())
+    a.finished()
+    a.finished()
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert sum(len(c.token_ids) for c in mine) == 5 and mine[-1].finish_reason == "length"
+    assert aborted.finish_reason == "abort" and len(aborted.token_ids) < 200
