@@ -7,7 +7,7 @@ The adapter has 41,272 LoRA modules (82,544 tensors): 40 layers × (q/k/v/o + 51
 qkv/proj/fc1/fc2) that the text model ignores — so the summary warning is part of the verdict.
 The model spec matches it with tiny dimensions (H=64, expert I=32).
 
-Measured, in one run, on the same file:
+Measured, in one run, on the same file (the heavy ones interleaved round by round):
   validate      names (from the header) → verdict + warning text (``check_names``)
   header        read + parse the safetensors header (8 bytes + JSON, no tensor data)
   load ep=1     ``load_adapter`` on one rank holding everything: read / validate / convert
@@ -134,30 +134,33 @@ def main() -> None:
         results["validate"] = {**_summary(warm), "cold_ms": cold[0],
                                "templates": len(verdict.groups.templates),
                                "warning": verdict.warning}
-        results["header"] = _summary(timed(lambda: read_safetensors_table(weights),
-                                           args.repeats)[0])
-
-        for ep in (1, 8):
-            info = ParallelInfo(ep_rank=0, ep_size=ep)
-            runs = []
-            for _ in range(args.repeats):
+        # The heavy measurements are interleaved, one of each per round, so that a busy
+        # shared box slows all of them alike; the ratio is taken within each round.
+        rounds: dict[str, list[Any]] = {"header": [], "load_ep1": [], "load_ep8": [], "raw": []}
+        for _ in range(args.repeats):
+            rounds["header"].append(timed(lambda: read_safetensors_table(weights), 1)[0][0])
+            for ep in (1, 8):
+                info = ParallelInfo(ep_rank=0, ep_size=ep)
                 t0 = time.perf_counter()
                 loaded = load_adapter(adapter, spec, info, name="bench", max_lora_rank=16)
-                runs.append(((time.perf_counter() - t0) * 1e3, loaded.stats))
+                rounds[f"load_ep{ep}"].append(((time.perf_counter() - t0) * 1e3, loaded.stats))
+            rounds["raw"].append(timed(lambda: load_file(str(weights)), 1)[0][0])
+        results["header"] = _summary(rounds["header"])
+        for ep in (1, 8):
+            runs = rounds[f"load_ep{ep}"]
             _, stats = min(runs, key=lambda r: r[0])  # the breakdown of the fastest run
             results[f"load_ep{ep}"] = {
                 **_summary([r[0] for r in runs]), "read_ms": stats.read_ms,
                 "validate_ms": stats.validate_ms, "convert_ms": stats.convert_ms,
                 "bytes_read": stats.bytes_read, "tensors_read": stats.tensors_read,
                 "file_tensor_bytes": stats.file_bytes}
-
-        results["raw_load_file"] = _summary(timed(lambda: load_file(str(weights)),
-                                                  args.repeats)[0])
+        results["raw_load_file"] = _summary(rounds["raw"])
+        results["load_ep1_vs_raw_per_round"] = [
+            load[0] / raw for load, raw in zip(rounds["load_ep1"], rounds["raw"])]
         results["get_slice_all"] = _summary(timed(lambda: _get_slice_all(weights), 1)[0])
 
     raw = results["raw_load_file"]["best_ms"]
-    load1 = results["load_ep1"]
-    results["load_ep1_vs_raw"] = load1["best_ms"] / raw
+    results["load_ep1_vs_raw_median"] = statistics.median(results["load_ep1_vs_raw_per_round"])
     rows = [
         ["validate (names → verdict + warning)", f"{results['validate']['best_ms']:.2f}",
          f"{results['validate']['median_ms']:.2f}", f"cold {results['validate']['cold_ms']:.2f}"],
@@ -174,10 +177,12 @@ def main() -> None:
     rows.append(["safe_open + get_slice, every tensor",
                  f"{results['get_slice_all']['best_ms']:.1f}", "", "one run"])
     print(format_table(["measure", "best ms", "median ms", "notes"], rows, max_width=80))
-    print(f"full load (ep=1) / raw load_file = {results['load_ep1_vs_raw']:.2f}  (goal <= 2)")
+    print(f"full load (ep=1) / raw load_file, median over rounds = "
+          f"{results['load_ep1_vs_raw_median']:.2f}  (goal <= 2)")
     print(f"validation best {results['validate']['best_ms']:.2f} ms  (goal <= 5 ms)")
     # The CI box is shared: the load average says how much other work ran beside this one.
-    payload = {"load_average_1m_at_end": os.getloadavg()[0], "adapter": {"layers": LAYERS, "experts": EXPERTS, "modules": modules,
+    payload = {"load_average_1m_at_end": os.getloadavg()[0],
+               "adapter": {"layers": LAYERS, "experts": EXPERTS, "modules": modules,
                            "tensors": 2 * modules, "rank": args.rank,
                            "ignored_vision_modules": VISION_BLOCKS * 4},
                "results": results}
