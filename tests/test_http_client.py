@@ -3,7 +3,6 @@ SIGINT then stops it cleanly (exit 0)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -58,9 +57,10 @@ def served(fixture_cache: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, f"serve exited early:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(ClusterError):
-                if client.health()["status"] == "ok":
-                    break
+            # Up once the CLI says so (the proxy answers 404 before the app is deployed).
+            if "Ctrl-C to stop" in log.read_text():
+                assert client.health()["status"] == "ok"
+                break
             assert time.monotonic() < deadline, f"serve did not come up:\n{log.read_text()}"
             time.sleep(0.5)
         yield proc, client, model_dir, log
