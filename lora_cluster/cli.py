@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_cluster.cli_serve import add_serve_parser
 
     add_serve_parser(sub)
+    from lora_cluster.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,53 @@
+"""The issue's three goals, checked against a result: met, missed, or not measured (None).
+
+1. scale:   closed-loop tokens/s at 10,000 registered adapters ≥ 90 % of that at 5.
+2. vs PEFT: closed-loop tokens/s at 100 adapters ≥ 30 × HF PEFT's mixed batches (the goal
+            is set for the H100; other machines report their ratio against the same bar).
+3. step:    decode step time with B sequences on B distinct adapters ≤ 1.1 × all on one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCALE_TARGET, PEFT_TARGET, STEP_TARGET = 0.90, 30.0, 1.10
+
+
+def _engine_tok_s(result: dict[str, Any], n: int) -> float | None:
+    row = result.get("engine", {}).get("by_adapters", {}).get(str(n))
+    return None if row is None else float(row["closed"]["tokens_per_s"])
+
+
+def baseline_tok_s(result: dict[str, Any], kind: str, n: int) -> float | None:
+    row = result.get("baselines", {}).get(kind, {}).get(str(n))
+    if not isinstance(row, dict) or "tokens_per_s" not in row:
+        return None
+    return float(row["tokens_per_s"])
+
+
+def _goal(value: float | None, target: float, *, at_most: bool = False,
+          note: str = "") -> dict[str, Any]:
+    met = None if value is None else (value <= target if at_most else value >= target)
+    return {"value": value, "target": target, "met": met,
+            "rule": "<=" if at_most else ">=", "note": note}
+
+
+def evaluate_goals(result: dict[str, Any]) -> dict[str, Any]:
+    """``{name: {value, target, met, rule, note}}``; ``met`` is None when not measured."""
+    at5, at10k = _engine_tok_s(result, 5), _engine_tok_s(result, 10000)
+    scale = at10k / at5 if at5 and at10k is not None else None
+    ours, peft = _engine_tok_s(result, 100), baseline_tok_s(result, "peft", 100)
+    speedup = ours / peft if ours is not None and peft else None
+    step = result.get("step_time", {}).get("ratio_distinct_vs_one")
+    machine = result.get("machine", {})
+    on = machine.get("gpu") or f"CPU ({machine.get('cpu')})"
+    return {
+        "scale_10000_vs_5": _goal(scale, SCALE_TARGET,
+                                  note="closed-loop tok/s, 10,000 vs 5 registered adapters"),
+        "speedup_vs_peft_at_100": _goal(speedup, PEFT_TARGET,
+                                        note=f"closed-loop tok/s vs HF PEFT mixed batches, "
+                                             f"100 adapters, on {on}"),
+        "decode_step_distinct_vs_one": _goal(
+            float(step) if step is not None else None, STEP_TARGET, at_most=True,
+            note="median decode step, B distinct adapters vs all on one"),
+    }

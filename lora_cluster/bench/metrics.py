@@ -1,0 +1,98 @@
+"""From raw phase records to the reported figures: throughput, percentiles, tier counters.
+
+Closed loop: requests that *finished* inside the measured window count; req/s and tok/s are
+their number and output tokens over the window. The server's own token counter over the same
+window (``server_tokens_per_s``) is reported beside it as a cross-check.
+Open loop: every request counts; latency is from its scheduled arrival to the answer.
+TTFT, TPOT and queue time are the engine's (from the controller's receipt of the request);
+``latency_s`` is the client's end-to-end time, transport included.
+Tier counters are deltas over the phase: ``slot_hit_rate`` = device-slot hits / admissions
+with an adapter, ``slot_loads`` = host → device placements, ``adapter_loads`` = reads from
+disk into the host cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from lora_cluster.bench.runners import PhaseRun, RequestRecord
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """p50 / p90 / p99 and the mean (None when there are no values)."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {**{f"p{p}": None for p in PERCENTILES}, "mean": None}
+    out: dict[str, float | None] = {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}
+    out["mean"] = float(arr.mean())
+    return out
+
+
+def _tier(stats: dict[str, Any], tier: str, key: str) -> int:
+    return int(stats.get("tiers", {}).get(tier, {}).get(key, 0))
+
+
+def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Slot hit rate and load counts between two ``stats()`` snapshots."""
+    d = {f"{tier}_{key}": _tier(after, tier, key) - _tier(before, tier, key)
+         for tier in ("device", "host") for key in ("hits", "misses", "evictions")}
+    admissions = d["device_hits"] + d["device_misses"]
+    return {
+        "slot_hit_rate": d["device_hits"] / admissions if admissions else None,
+        "slot_loads": d["device_misses"],
+        "slot_evictions": d["device_evictions"],
+        "adapter_loads": d["host_misses"],
+        "host_evictions": d["host_evictions"],
+        "steps": int(after.get("steps", 0)) - int(before.get("steps", 0)),
+        "server_generated_tokens": (int(after.get("generated_tokens", 0))
+                                    - int(before.get("generated_tokens", 0))),
+    }
+
+
+def _latency_block(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    return {
+        "ttft_s": percentiles(r.server.get("ttft_s") for r in records),  # type: ignore[misc]
+        "tpot_s": percentiles(r.server.get("tpot_s") for r in records),  # type: ignore[misc]
+        "queue_s": percentiles(r.server.get("queue_s") for r in records),  # type: ignore[misc]
+        "latency_s": percentiles(r.end - r.start for r in records),
+    }
+
+
+def summarize(run: PhaseRun) -> dict[str, Any]:
+    """The reported figures of one phase (see the module docstring)."""
+    t0, t1 = run.window
+    ok = [r for r in run.records if r.error is None]
+    errors = [r.error for r in run.records if r.error is not None]
+    counted = [r for r in ok if t0 <= r.end <= t1] if run.kind == "closed" else ok
+    duration = max(t1 - t0, 1e-9)
+    tokens = sum(r.output_tokens for r in counted)
+    deltas = tier_deltas(run.stats_before, run.stats_after)
+    s0, s1 = run.stats_times
+    out: dict[str, Any] = {
+        "kind": run.kind,
+        "duration_s": duration,
+        "requests": len(counted),
+        "requests_per_s": len(counted) / duration,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / duration,
+        "server_tokens_per_s": deltas["server_generated_tokens"] / max(s1 - s0, 1e-9),
+        "mean_output_tokens": tokens / len(counted) if counted else None,
+        "distinct_adapters": len({r.adapter for r in counted}),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        **_latency_block(counted),
+        **deltas,
+    }
+    out["tokens_per_step"] = (deltas["server_generated_tokens"] / deltas["steps"]
+                              if deltas["steps"] else None)
+    if run.kind == "closed":
+        out["clients"] = run.clients
+    else:
+        out["offered_requests"] = run.offered
+        out["offered_rate"] = run.rate
+    return out
