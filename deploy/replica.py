@@ -344,11 +344,10 @@ class ReplicaService:
 
     def check_health(self) -> dict[str, Any]:
         """Raise when this replica cannot serve (Serve then replaces it with its ranks)."""
-        broken = getattr(self.core, "_broken", None)
-        if broken is not None:
-            raise ClusterError(f"replica {self.replica_id}: {broken}")
-        if getattr(self.core, "_closed", False):
-            raise ClusterError(f"replica {self.replica_id}: shut down")
+        try:
+            self.core.check_health()
+        except LoRAClusterError as err:
+            raise ClusterError(f"replica {self.replica_id}: {err}") from err
         if not self._thread.is_alive() and not self._stop.is_set():
             raise ClusterError(f"replica {self.replica_id}: directory sync thread stopped")
         return {"ok": True, "replica_id": self.replica_id,

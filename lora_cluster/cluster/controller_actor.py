@@ -90,6 +90,7 @@ class ControllerActorImpl:
 
     def check_health(self) -> dict[str, Any]:
         core = self._core()
+        core.check_health()
         return {"ok": True, "ranks": self.config.world_size, "generation": core.group.generation}
 
     def rank_pids(self) -> list[int]:

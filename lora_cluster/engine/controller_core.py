@@ -355,6 +355,12 @@ class ControllerCore:
             raise ClusterError("the cluster is shut down")
 
     # ================================================================ reporting, lifecycle
+    def check_health(self) -> None:
+        """Raise the error that stops this replica from serving (broken rank group, shut down)."""
+        self._check_open()
+        if not self._thread.is_alive():
+            raise ClusterError("the step loop is not running")
+
     def stats(self) -> dict[str, Any]:
         """Slots, cache, load times, tokens/s, queue depth, per-adapter request counts."""
         with self._lock:
