@@ -113,6 +113,12 @@ class _RankReader:
         self.layers = layers  # None: every layer; else only these (None = model-wide kinds)
         self.groups = plan.verdict.groups
         self._fused_a: dict[tuple[int, int], torch.Tensor] = {}
+        # Position maps per template group: a layer-by-layer reader asks for them per layer.
+        self._memo: dict[tuple[str, int], object] = {}
+
+    def forget_cached(self) -> None:
+        """Drop fused-A tensors kept for the sibling kind (after a layer group is read)."""
+        self._fused_a.clear()
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         if self.dtype is None or t.dtype == self.dtype:
@@ -124,6 +130,12 @@ class _RankReader:
         return [x for x in layers if self.layers is None or x in self.layers]
 
     def _by_layer(self, group: int) -> dict[int | None, int]:
+        memo = self._memo.get(("by_layer", group))
+        if memo is None:
+            memo = self._memo[("by_layer", group)] = self._by_layer_uncached(group)
+        return memo  # type: ignore[return-value]
+
+    def _by_layer_uncached(self, group: int) -> dict[int | None, int]:
         pos = self.groups.positions(group)
         if "*" not in self.groups.templates[group]:
             return {None: int(pos[0])}
@@ -148,6 +160,12 @@ class _RankReader:
 
     def _local_positions(self, group: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """layer → (positions, local expert ids) of this rank's experts, in local order."""
+        memo = self._memo.get(("local", group))
+        if memo is None:
+            memo = self._memo[("local", group)] = self._local_positions_uncached(group)
+        return memo  # type: ignore[return-value]
+
+    def _local_positions_uncached(self, group: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         pos = self.groups.positions(group)
         idx = self.groups.indices[pos]
         local = self.load.local_of[idx[:, 1]]
@@ -221,6 +239,11 @@ class _RankReader:
                 b = fused_b_to_experts(raw, rank)
             out[(layer, t.kind)] = LoRATensors(a, self._cast(b), scaling)
         return out
+
+
+# The per-rank reader under a public name, for staging an update layer by layer
+# (``adapters.layer_stream``) with one header parse for all of its layer groups.
+RankReader = _RankReader
 
 
 def _scatter(t: torch.Tensor, local: np.ndarray, n_local: int) -> torch.Tensor:
