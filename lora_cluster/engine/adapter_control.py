@@ -31,8 +31,8 @@ from lora_cluster.engine.messages import (
     LoadAdapter,
     LoadResult,
     PlaceAdapter,
+    PlaceResult,
     RankReply,
-    UpdateAdapter,
 )
 from lora_cluster.engine.registry import AdapterMeta, AdapterRecord
 from lora_cluster.errors import (
@@ -78,6 +78,9 @@ class AdapterControl:
         self.keys: dict[str, AdapterKey] = {}  # tier id → version, for every live version
         self.paths: dict[AdapterKey, str] = {}  # every live version's source directory
         self.bound: Counter[AdapterKey] = Counter()
+        self.staging: set[AdapterKey] = set()  # versions an in-place update is staging
+        self.update_failures_by_cause: Counter[str] = Counter()
+        self.reload_failures_by_cause: Counter[str] = Counter()
         self._versions: dict[str, int] = {}
         self._pending_drops: list[AdapterKey] = []
 
@@ -168,21 +171,6 @@ class AdapterControl:
             out.append(self.info(name))
         return out
 
-    def update_locked(self, name: str, source: str, path: str, meta: AdapterMeta) -> AdapterInfo:
-        """Stage a new version on every rank; it becomes current at once (between steps),
-        while the old one serves its bound sequences to the end."""
-        rec = self.record(name)
-        new_key = (name, self.next_version(name))
-        start = time.perf_counter()
-        results = self.load_locked(new_key, path, update=True)
-        old_key = rec.key
-        rec.version, rec.source, rec.path, rec.meta = new_key[1], source, path, meta
-        rec.record_load(results, (time.perf_counter() - start) * 1e3)
-        self.retire_locked(old_key)
-        if rec.pinned:
-            self.pin_locked(new_key)
-        return rec.info(self.residency_of(rec))
-
     def unregister_locked(self, name: str) -> None:
         rec = self.record(name)
         del self.records[name]
@@ -200,7 +188,7 @@ class AdapterControl:
     def _drop_on_ranks(self, key: AdapterKey) -> None:
         self._run(lambda seq: DropAdapter(seq=seq, name=key[0], version=key[1]))
 
-    def load_locked(self, key: AdapterKey, path: str, *, update: bool = False) -> list[LoadResult]:
+    def load_locked(self, key: AdapterKey, path: str) -> list[LoadResult]:
         """Admit ``key`` to the host tier (dropping LRU victims) and read it on every rank,
         all or nothing. CapacityError when every host entry is held."""
         tid = tier_id(key)
@@ -209,12 +197,8 @@ class AdapterControl:
             self._forget_if_dead(self.keys[victim])
         self.keys[tid] = key
         name, version = key
-        if update:
-            replies = self._send_all(lambda seq: UpdateAdapter(seq=seq, name=name, version=version,
-                                                               path=path))
-        else:
-            replies = self._send_all(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
-                                                             path=path))
+        replies = self._send_all(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
+                                                         path=path))
         err = _first_error(replies)
         if err is not None:
             # Ranks that succeeded drop their copy again: all or nothing.
@@ -233,11 +217,15 @@ class AdapterControl:
         if hit:
             return placement.slot
         try:
-            self._run(lambda seq: PlaceAdapter(seq=seq, name=key[0], version=key[1],
-                                               slot=placement.slot))
+            results = self._run(lambda seq: PlaceAdapter(seq=seq, name=key[0], version=key[1],
+                                                         slot=placement.slot))
         except LoRAClusterError:
             self.tiers.evict_device(tid)
             raise
+        rec = self.records.get(key[0])
+        if rec is not None and rec.version == key[1]:
+            rec.place_ms = max((r.ms for r in results if isinstance(r, PlaceResult)), default=0.0)
+            rec.places += 1
         return placement.slot
 
     def _forget_if_dead(self, key: AdapterKey) -> None:
@@ -325,6 +313,7 @@ class AdapterControl:
         try:
             results = self.load_locked(key, self.paths[key])
         except AdapterError as err:
+            self.reload_failures_by_cause[err.code] += 1
             if current and rec is not None:
                 rec.error = f"reload failed: {err}"
             raise
@@ -345,7 +334,9 @@ class AdapterControl:
         """After a rank-group restart (fresh, empty ranks): reload what was host-resident, in
         LRU order, re-place what was on the device, and re-apply pins."""
         old = self.tiers
-        host = [self.keys[t] for t in old.host_names()]
+        # Half-staged update versions are gone with the old ranks: their updates fail.
+        host = [self.keys[t] for t in old.host_names() if self.keys[t] not in self.staging]
+        self.staging.clear()
         device = {self.keys[t] for t in old.device_slots() if t is not None}
         pinned = {self.keys[t] for t in old.host_names() if old.is_pinned(t)}
         self.tiers = AdapterTiers(self.config.max_loras, self.config.max_cpu_loras)
@@ -385,12 +376,17 @@ class AdapterControl:
             rec.name: {"version": rec.version, "residency": self.residency_of(rec),
                        "requests": rec.requests, "pinned": rec.pinned,
                        "bytes_per_rank": list(rec.bytes_per_rank), "load_ms": rec.load_ms,
-                       "load_breakdown_ms": dict(rec.load_breakdown_ms)}
+                       "load_breakdown_ms": dict(rec.load_breakdown_ms),
+                       "place_ms": rec.place_ms, "places": rec.places, "updates": rec.updates}
             for rec in self.records.values()
         }
         return {"adapters": per_adapter,
                 "tiers": {**self.tiers.stats(), "device_slots": self.tiers.device_slots(),
                           "host_lru": self.tiers.host_names()},
                 "failed_loads_by_cause": dict(self.failures_by_cause),
+                "failed_updates_by_cause": dict(self.update_failures_by_cause),
+                "failed_reloads_by_cause": dict(self.reload_failures_by_cause),
+                "failures_by_cause": dict(self.failures_by_cause + self.update_failures_by_cause
+                                          + self.reload_failures_by_cause),
                 "old_versions_in_use": {tier_id(k): n for k, n in self.bound.items()
                                         if not self._is_current(k)}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from lora_cluster.adapters import inspect_adapter as inspect_plan
 from lora_cluster.adapters import resolve_source
+from lora_cluster.adapters.layer_stream import layer_bytes
 from lora_cluster.config import ClusterConfig
 from lora_cluster.engine.registry import AdapterMeta
 from lora_cluster.model.spec import ModelSpec
@@ -21,4 +22,5 @@ def inspect_adapter(name: str, source: str, spec: ModelSpec,
     cfg = plan.config
     return str(path), AdapterMeta(
         rank=int(plan.rank), alpha=float(cfg.lora_alpha), scaling=float(cfg.default_scaling),
-        use_rslora=bool(cfg.use_rslora), target_modules=tuple(cfg.target_names()))
+        use_rslora=bool(cfg.use_rslora), target_modules=tuple(cfg.target_names()),
+        layer_bytes=tuple(sorted((k, v) for k, v in layer_bytes(plan).items() if k is not None)))

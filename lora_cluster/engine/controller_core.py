@@ -18,17 +18,19 @@ the adapters that were resident, and re-run in-flight requests from their tokens
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lora_cluster.api_types import AdapterInfo, GenerationResult
 from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.adapter_control import AdapterControl, tier_id
+from lora_cluster.engine.adapter_update import LayerwiseUpdater
 from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
 from lora_cluster.engine.rank_group import RankGroup
@@ -48,6 +50,7 @@ Prompt = str | Sequence[int]
 logger = logging.getLogger("lora_cluster.engine")
 _IDLE_WAIT_S = 0.05  # re-check interval when work exists but nothing can run yet
 _RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing window
+_YIELD_WAIT_S = 0.25  # between update groups: how long to wait for the step loop's next step
 
 
 class ControllerCore:
@@ -66,6 +69,10 @@ class ControllerCore:
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)
         self.adapters = AdapterControl(config, spec, self._send_all)
+        self._exec_wanted = 0  # adapter commands waiting for ``_exec``: the step loop lets them in
+        self.updates = LayerwiseUpdater(self.adapters, exec_lock=self._fair_exec,
+                                        state_lock=lambda: self._lock,
+                                        yield_to_steps=self._yield_to_steps)
         self.group_info = rank_group.describe()
         self.context_limit = min(context_limit_for(config, spec),
                                  self.group_info.num_kv_blocks * self.group_info.block_size)
@@ -129,16 +136,34 @@ class ControllerCore:
             return self.adapters.register_on_disk(checked)
 
     def update_adapter(self, name: str, source: str) -> AdapterInfo:
-        """Load new weights for ``name`` as a new version; the switch happens between steps.
+        """Stage new weights for ``name`` layer group by layer group on every rank while steps
+        keep running, then switch to the new version at a step boundary.
 
-        Requests bound before the switch finish on the old version (kept resident until they
-        do); later ones use the new one. A failed update leaves the old version serving.
+        Requests admitted before the switch finish on the old version (kept resident until
+        they do); later ones use the new one — never a mix. A failed update (refused source,
+        a bad read mid-way, a rank failure) raises its typed error and leaves the old version
+        serving, with the new version's staging freed (see ``engine/adapter_update.py``).
         """
         source = str(source)
-        path, meta = self.adapters.inspect(name, source)
-        with self._exec, self._lock:
+        with self._lock:
+            self.adapters.record(name)
+        try:
+            path, meta = self.adapters.inspect(name, source)
+        except LoRAClusterError as err:
+            with self._lock:
+                self.adapters.update_failures_by_cause[err.code] += 1
+            raise
+        with self._cv:
             self._check_open()
-            return self.adapters.update_locked(name, source, path, meta)
+            # One load or update of a name at a time.
+            self._cv.wait_for(lambda: name not in self.adapters.loading)
+            self.adapters.loading[name] = None
+        try:
+            return self.updates.run(name, source, path, meta)
+        finally:
+            with self._cv:
+                self.adapters.loading.pop(name, None)
+                self._cv.notify_all()
 
     def evict_adapter(self, name: str) -> None:
         """Unregister ``name``; requests already running on it finish first."""
@@ -243,6 +268,34 @@ class ControllerCore:
         """Send an adapter command to every rank (caller holds ``_exec``)."""
         return self.group.execute_all(build(next(self._cmd_seq)))
 
+    @contextlib.contextmanager
+    def _fair_exec(self) -> Iterator[None]:
+        """``_exec`` for an adapter command, taken before the step loop's next step (a plain
+        lock would let the loop re-take it step after step and starve the command)."""
+        with self._cv:
+            self._exec_wanted += 1
+        try:
+            self._exec.acquire()
+        finally:
+            with self._cv:
+                self._exec_wanted -= 1
+                self._cv.notify_all()
+        try:
+            yield
+        finally:
+            self._exec.release()
+
+    def _yield_to_steps(self) -> int:
+        """Between two update groups: let the step loop run one step if it has work.
+        Returns how many steps ran meanwhile."""
+        with self._cv:
+            if self._closed or not self.scheduler.has_work():
+                return 0
+            seen = self._counters["steps"]
+            self._cv.wait_for(lambda: self._counters["steps"] != seen or self._closed
+                              or not self.scheduler.has_work(), timeout=_YIELD_WAIT_S)
+            return self._counters["steps"] - seen
+
     def _loop(self) -> None:
         try:
             while True:
@@ -250,6 +303,9 @@ class ControllerCore:
                     self._cv.wait_for(lambda: self._closed or self.scheduler.has_work())
                     if self._closed:
                         return
+                    # An adapter command is waiting for the ranks: it goes first.
+                    self._cv.wait_for(lambda: self._closed or not self._exec_wanted,
+                                      timeout=_YIELD_WAIT_S)
                 if not self._step():
                     with self._cv:
                         self._cv.wait(_IDLE_WAIT_S)
@@ -279,6 +335,7 @@ class ControllerCore:
                 events = self.scheduler.apply(step, result.tokens, result.logits)
                 self._account(step, len(result.tokens))
                 self._publish(events)
+                self._cv.notify_all()  # an update waiting between its groups may go on
         return True
 
     def _recover(self, step: ScheduledStep, err: ClusterError) -> None:
@@ -371,6 +428,7 @@ class ControllerCore:
             span = now - self._window[0][0] if self._window else 0.0
             recent = sum(n for _, n in self._window)
             out: dict[str, Any] = dict(self.adapters.stats())
+            out["updates"] = self.updates.stats()
             out.update(self.scheduler.stats())
             out.update({
                 "queue_depth": len(self.scheduler.waiting),

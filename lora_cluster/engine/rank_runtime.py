@@ -37,6 +37,8 @@ from lora_cluster.engine.messages import (
     UpdateAdapter,
 )
 from lora_cluster.engine.runner import StepRunner
+from lora_cluster.engine.slot_activation import SlotActivator
+from lora_cluster.engine.update_staging import StagedUpdate
 from lora_cluster.errors import ClusterError, ConfigError, LoRAClusterError
 from lora_cluster.model.kv_cache import KVCache, kv_budget_bytes, num_blocks_for_budget
 from lora_cluster.model.parallel import Comm, ParallelInfo
@@ -95,7 +97,10 @@ class RankRuntime:
         self.runner.capture()
         self.host_cache: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self.slots: list[AdapterKey | None] = [None] * config.max_loras
-        self._staging: dict[AdapterKey, dict[tuple[int | None, str], LoRATensors]] = {}
+        # Slot writes: a side CUDA stream overlapping steps on GPU, synchronous on CPU.
+        self.activator = SlotActivator(self.model, self.device)
+        # In-place updates being staged layer group by layer group (one entry per version).
+        self._staging: dict[AdapterKey, StagedUpdate] = {}
         self.load_stats: dict[AdapterKey, LoadResult] = {}
         self._last_seq = -1
         self._closed = False
@@ -128,6 +133,8 @@ class RankRuntime:
         self._last_seq = command.seq
         if isinstance(command, Step):
             self.steps += 1
+            # Only this step's own adapters: a slot still being written elsewhere is not waited on.
+            self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
             return self.runner.run(command.plan, command.seq)
         if isinstance(command, LoadAdapter):
             return self._load(command)
@@ -174,29 +181,39 @@ class RankRuntime:
         return result
 
     def _update(self, cmd: UpdateAdapter) -> LoadResult | None:
-        """Stage the named layers of a new version; on ``final`` it becomes a host entry."""
+        """Stage the named layers of a new version (only their tensors are read); on ``final``
+        the rest is read and the version becomes a host-cache entry. A failure frees the
+        version's staging and leaves everything else as it was."""
         if cmd.key in self.host_cache:
             raise ClusterError(f"rank {self.parallel.rank}: adapter {cmd.name!r} version "
                                f"{cmd.version} is already resident", name=cmd.name)
-        if cmd.final and not self._staging.get(cmd.key):
+        staged = self._staging.get(cmd.key)
+        if staged is None:
             self._check_room(cmd.key)
-        weights, breakdown = self._read(cmd.path, cmd.name, cmd.version)
-        wanted = None if cmd.layers is None else set(cmd.layers)
-        staged = self._staging.setdefault(cmd.key, {})
-        staged.update({key: t for key, t in weights.modules.items()
-                       if wanted is None or key[0] in wanted or (cmd.final and key[0] is None)})
-        if not cmd.final:
-            return None
+            staged = StagedUpdate(cmd.path, self.spec, self.parallel, name=cmd.name,
+                                  version=cmd.version, max_lora_rank=self.config.max_lora_rank,
+                                  pin=self.device.type == "cuda")
+            self._staging[cmd.key] = staged
+        try:
+            if cmd.layers is not None or not cmd.final:
+                staged.stage(cmd.layers)
+            if not cmd.final:
+                return None
+            weights, breakdown = staged.finish()
+        except BaseException:
+            self._staging.pop(cmd.key, None)
+            staged.close()
+            raise
         del self._staging[cmd.key]
-        full = AdapterWeights(cmd.name, cmd.version, weights.rank, staged)
-        self.host_cache[cmd.key] = full
-        result = LoadResult(name=cmd.name, version=cmd.version, nbytes=full.nbytes,
-                            breakdown_ms=tuple(breakdown.items()))
+        self.host_cache[cmd.key] = weights
+        result = LoadResult(name=cmd.name, version=cmd.version, nbytes=weights.nbytes,
+                            breakdown_ms=breakdown)
         self.load_stats[cmd.key] = result
         return result
 
     def _check_room(self, key: AdapterKey) -> None:
-        if len(self.host_cache) >= self.config.max_cpu_loras:
+        # A version being staged holds a host-cache entry from its first command on.
+        if len(self.host_cache) + len(self._staging) >= self.config.max_cpu_loras:
             raise ClusterError(
                 f"rank {self.parallel.rank}: host cache full ({self.config.max_cpu_loras}) while "
                 f"loading {key}; the controller must drop an adapter first", name=key[0])
@@ -209,12 +226,12 @@ class RankRuntime:
             raise ClusterError(f"rank {self.parallel.rank}: adapter {cmd.name!r} version "
                                f"{cmd.version} is not in the host cache", name=cmd.name)
         start = time.perf_counter()
-        self._clear_slot(cmd.slot)
+        self.slots[cmd.slot] = None
         try:
-            # SlotWeights declares settable attributes; frozen AdapterWeights fits it at run time.
-            self.model.set_lora_slot(cmd.slot, weights)  # type: ignore[arg-type]
+            # Validates, then clears and writes in place (on GPU queued on the side stream).
+            self.activator.activate(cmd.slot, weights)
         except LoRAClusterError:
-            self.model.clear_lora_slot(cmd.slot)
+            self.activator.clear(cmd.slot)
             raise
         self.slots[cmd.slot] = cmd.key
         self.host_cache.move_to_end(cmd.key)
@@ -222,7 +239,7 @@ class RankRuntime:
 
     def _clear_slot(self, slot: int) -> None:
         if self.slots[slot] is not None:
-            self.model.clear_lora_slot(slot)
+            self.activator.clear(slot)
             self.slots[slot] = None
 
     def _drop(self, key: AdapterKey) -> None:
@@ -230,7 +247,9 @@ class RankRuntime:
             if held == key:
                 self._clear_slot(slot)
         self.host_cache.pop(key, None)
-        self._staging.pop(key, None)
+        staged = self._staging.pop(key, None)
+        if staged is not None:
+            staged.close()
         self.load_stats.pop(key, None)
 
     # ---------------------------------------------------------------- reporting
@@ -245,6 +264,10 @@ class RankRuntime:
             "slots": [None if k is None else f"{k[0]}@v{k[1]}" for k in self.slots],
             "host_cache": {f"{k[0]}@v{k[1]}": {"bytes": r.nbytes, "load_ms": dict(r.breakdown_ms)}
                            for k, r in self.load_stats.items()},
+            "staging": {f"{k[0]}@v{k[1]}": {"bytes": u.nbytes, "commands": u.commands,
+                                            "buffered_layers": len(u.arrivals)}
+                        for k, u in self._staging.items()},
+            "activation": self.activator.stats(),
             "live_sequences": self.runner.num_live_seqs,
             "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
@@ -254,7 +277,10 @@ class RankRuntime:
     def close(self) -> None:
         """Free the model and caches."""
         self._closed = True
+        self.activator.synchronize()
         self.host_cache.clear()
+        for staged in self._staging.values():
+            staged.close()
         self._staging.clear()
         self.runner.reset()
         del self.model, self.kv_cache

@@ -22,6 +22,9 @@ class AdapterMeta:
     scaling: float
     use_rslora: bool
     target_modules: tuple[str, ...]
+    # (decoder layer, bytes of its tensors in the file), from the header: sizes the groups an
+    # in-place update is staged in. Empty: unknown (the update runs as one command).
+    layer_bytes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -39,6 +42,9 @@ class AdapterRecord:
     pinned: bool = False
     error: str | None = None  # the last transparent reload failure, if any
     requests: int = 0
+    place_ms: float = 0.0  # the last activation into a device slot (slowest rank)
+    places: int = 0
+    updates: int = 0
     registered_at: float = field(default_factory=time.time)
 
     @property

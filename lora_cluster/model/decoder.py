@@ -159,7 +159,7 @@ class DecoderModel(nn.Module):
         groups = table.write(slot, weights)
         mask = torch.tensor([g in groups for g in LORA_GROUPS], dtype=torch.bool)
         assert self.slot_groups is not None
-        self.slot_groups[:, slot].copy_(mask)
+        self.slot_groups[:, slot].copy_(mask, non_blocking=True)  # no host sync on a side stream
         self._slot_contents[slot] = (weights.name, int(getattr(weights, "version", 0)))
 
     @torch.no_grad()

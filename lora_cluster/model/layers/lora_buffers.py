@@ -28,13 +28,19 @@ class LoRACapacity:
     max_rank: int
 
 
+# Host → device copies are non-blocking and keep the source dtype (casts run on the device):
+# from pinned host memory they are plain DMAs on the caller's stream, so a slot write issued on
+# a side stream never blocks the host (see engine/slot_activation.py).
+
+
 def _scaled(b: torch.Tensor, scaling: float, like: torch.Tensor) -> torch.Tensor:
     # Fold the scale in float32 before the cast so low-precision models lose nothing extra.
-    return (b.to(device=like.device, dtype=torch.float32) * scaling).to(like.dtype)
+    b = b.to(device=like.device, non_blocking=True)
+    return (b.to(torch.float32) * scaling).to(like.dtype)
 
 
 def _cast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return a.to(device=like.device, dtype=like.dtype)
+    return a.to(device=like.device, non_blocking=True).to(like.dtype)
 
 
 class LinearLoRA(nn.Module):

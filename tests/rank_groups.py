@@ -1,0 +1,94 @@
+"""``ThreadRankGroup``: a real multi-rank ``RankGroup`` in one process (tests only).
+
+Each rank is a ``RankRuntime`` over ``ThreadComm``; a step runs every rank on its own thread
+(the collectives meet at a barrier), adapter commands run on every rank in order. It lets
+``ControllerCore`` drive TP × EP ranks without Ray. ``fail`` injects a typed error from one
+rank for the commands a predicate picks (the other ranks execute them normally).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from model_support import ThreadComm
+
+from lora_cluster.config import ClusterConfig
+from lora_cluster.engine.messages import (
+    AdapterCommand,
+    GroupInfo,
+    LoadResult,
+    PlaceResult,
+    RankReply,
+    Shutdown,
+    Step,
+    StepResult,
+)
+from lora_cluster.engine.rank_runtime import RankRuntime
+from lora_cluster.errors import ClusterError, LoRAClusterError
+
+
+class ThreadRankGroup:
+    """``config.tp_size × config.ep_size`` in-process ranks driven in lock-step."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.pool = ThreadPoolExecutor(config.world_size, thread_name_prefix="rank")
+        self.fail: tuple[int, Callable[[AdapterCommand], bool], LoRAClusterError] | None = None
+        self.commands: list[object] = []
+        self._start()
+
+    def _start(self) -> None:
+        comms = ThreadComm.group(self.config.tp_size, self.config.ep_size,
+                                 self.config.expert_placement)
+        self.ranks = [RankRuntime(self.config, c.info, c) for c in comms]
+
+    def describe(self) -> GroupInfo:
+        return GroupInfo(world_size=len(self.ranks),
+                         num_kv_blocks=min(r.num_kv_blocks for r in self.ranks),
+                         block_size=self.config.block_size, device="cpu",
+                         dtype=self.config.dtype, max_loras=self.config.max_loras)
+
+    def execute(self, command: Step) -> StepResult:
+        self.commands.append(command)
+        futures = [self.pool.submit(r.execute, command) for r in self.ranks]
+        try:
+            results = [f.result(timeout=120) for f in futures]
+        except LoRAClusterError:
+            raise
+        except Exception as exc:
+            raise ClusterError(f"step {command.seq} failed: {type(exc).__name__}: {exc}") from exc
+        out = results[0]
+        assert isinstance(out, StepResult)
+        return out
+
+    def execute_all(self, command: AdapterCommand) -> tuple[RankReply, ...]:
+        self.commands.append(command)
+        replies = []
+        for rank, runtime in enumerate(self.ranks):
+            if self.fail is not None and self.fail[0] == rank and self.fail[1](command):
+                runtime._last_seq = command.seq  # the rank saw the command and refused it
+                replies.append(RankReply(rank=rank, error=self.fail[2]))
+                continue
+            try:
+                result = runtime.execute(command)
+            except LoRAClusterError as err:
+                replies.append(RankReply(rank=rank, error=err))
+                continue
+            assert result is None or isinstance(result, LoadResult | PlaceResult)
+            replies.append(RankReply(rank=rank, result=result))
+        return tuple(replies)
+
+    def restart(self) -> GroupInfo:
+        self._close_ranks()
+        self._start()
+        return self.describe()
+
+    def _close_ranks(self) -> None:
+        for r in self.ranks:
+            if not r._closed:
+                r.execute(Shutdown(seq=r._last_seq + 1))
+
+    def close(self) -> None:
+        self._close_ranks()
+        self.pool.shutdown(wait=False)
