@@ -48,7 +48,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--open-duration", type=float, default=None,
                    help="seconds of Poisson arrivals per N")
     p.add_argument("--rate", type=float, default=None,
-                   help="open-loop requests/s (default: half the smallest N's closed-loop rate)")
+                   help="open-loop requests/s, the same for every N (default: the preset's: "
+                        "cpu-tiny 20; h100-moe half the smallest N's closed-loop rate)")
     p.add_argument("--clients", type=int, default=None, help="closed-loop clients")
     p.add_argument("--baseline-duration", type=float, default=None,
                    help="measured seconds of each baseline phase")

@@ -4,8 +4,10 @@ Closed loop: requests that *finished* inside the measured window count; req/s an
 their number and output tokens over the window. The server's own token counter over the same
 window (``server_tokens_per_s``) is reported beside it as a cross-check.
 Open loop: every request counts; latency is from its scheduled arrival to the answer.
-TTFT, TPOT and queue time are the engine's (from the controller's receipt of the request);
-``latency_s`` is the client's end-to-end time, transport included.
+``latency_s`` is the client's end-to-end time; ``ttft_s`` the client's time to first token
+(the engine's TTFT plus the time the engine did not see: waiting to be sent, transport both
+ways — an upper bound by one return trip); ``server_ttft_s``, ``tpot_s`` and ``queue_s`` are
+the engine's own (from the controller's receipt of the request).
 Tier counters are deltas over the phase: ``slot_hit_rate`` = device-slot hits / admissions
 with an adapter, ``slot_loads`` = host → device placements, ``adapter_loads`` = reads from
 disk into the host cache.
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_cluster.bench.runners import PhaseRun, RequestRecord
+from lora_cluster.bench.runners import PhaseRun, RequestRecord, client_ttft
 
 PERCENTILES = (50, 90, 99)
 
@@ -56,7 +58,8 @@ def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
 
 def _latency_block(records: Sequence[RequestRecord]) -> dict[str, Any]:
     return {
-        "ttft_s": percentiles(r.server.get("ttft_s") for r in records),  # type: ignore[misc]
+        "ttft_s": percentiles(client_ttft(r) for r in records),  # type: ignore[misc]
+        "server_ttft_s": percentiles(r.server.get("ttft_s") for r in records),  # type: ignore[misc]
         "tpot_s": percentiles(r.server.get("tpot_s") for r in records),  # type: ignore[misc]
         "queue_s": percentiles(r.server.get("queue_s") for r in records),  # type: ignore[misc]
         "latency_s": percentiles(r.end - r.start for r in records),

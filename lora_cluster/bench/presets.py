@@ -45,7 +45,10 @@ class BenchPreset:
     warmup_s: float = 4.0
     duration_s: float = 15.0
     open_duration_s: float = 15.0
-    rate_fraction: float = 0.5  # open-loop rate = this × the smallest N's closed-loop req/s
+    # Open-loop Poisson rate (requests/s), the same for every N; None: rate_fraction × the
+    # smallest N's closed-loop requests/s (for machines whose capacity is not known yet).
+    open_rate: float | None = None
+    rate_fraction: float = 0.5
     peft_max_adapters: int = 100
     merged_max_adapters: int = 100
     baseline_duration_s: float = 10.0
@@ -83,16 +86,16 @@ PRESETS: dict[str, BenchPreset] = {
         name="cpu-tiny",
         description="tiny Qwen3-MoE (H=96, 2 layers, 8 experts top-2), float32, CPU",
         model=get_spec("qwen3_moe"), model_dtype="float32", device="cpu", dtype="float32",
-        adapter_rank=8, kv_cache_bytes=64 << 20),
+        adapter_rank=8, kv_cache_bytes=64 << 20, open_rate=20.0),
     "h100-moe": BenchPreset(
         name="h100-moe",
         description="Qwen3-30B-A3B-like MoE (H=2048, 128 experts top-8, I=768, 4 layers), "
                     "random bf16 weights, one CUDA device",
         model=_QWEN3_30B_A3B_LIKE, model_dtype="bfloat16", device="cuda", dtype="bfloat16",
         adapter_rank=16, adapter_counts=(1, 5, 8, 32, 100, 1000), max_cpu_loras=1024,
-        max_num_seqs=48, max_num_batched_tokens=8192, clients=60, prompt_len=(64, 192),
-        output_len=(32, 96), warmup_s=5.0, duration_s=20.0, open_duration_s=20.0,
-        baseline_duration_s=15.0, step_seqs=32, step_decode_tokens=32),
+        max_num_seqs=128, max_num_batched_tokens=8192, clients=160, prompt_len=(64, 192),
+        output_len=(32, 96), warmup_s=4.0, duration_s=15.0, open_duration_s=15.0,
+        baseline_duration_s=12.0, step_seqs=32, step_decode_tokens=32),
 }
 
 

@@ -72,7 +72,8 @@ def format_report(result: dict[str, Any]) -> str:
         rate = engine.get("open_loop_rate")
         lines += ["", f"closed loop: {result['settings']['clients']} clients, "
                       f"{result['settings']['duration_s']:.0f} s; open loop: Poisson "
-                      f"{_num(rate, '{:.1f}')} req/s (TTFT/TPOT/e2e columns)",
+                      f"{_num(rate, '{:.1f}')} req/s (TTFT as the client sees it, TPOT the "
+                      f"engine's, e2e from arrival)",
                   format_table(*engine_rows(result))]
         reg = engine.get("registration", {})
         if reg:

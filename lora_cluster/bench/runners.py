@@ -83,6 +83,15 @@ def send(target: Target, request: BenchRequest, names: Sequence[str],
     return record
 
 
+def client_ttft(record: RequestRecord) -> float | None:
+    """Time to first token as the client saw it (an upper bound): the engine's TTFT plus
+    everything the engine did not see — waiting to be sent, transport both ways."""
+    server = record.server
+    if "ttft_s" not in server or "latency_s" not in server:
+        return None
+    return server["ttft_s"] + max(0.0, (record.end - record.start) - server["latency_s"])
+
+
 def _send_then(done: Callable[[RequestRecord], None], target: Target, request: BenchRequest,
                names: Sequence[str], start: float) -> None:
     done(send(target, request, names, start=start))

@@ -38,7 +38,7 @@ class BenchOptions:
     cache_dir: Path
     backend: Backend = "ray"
     parts: tuple[str, ...] = PARTS
-    rate: float | None = None  # open-loop requests/s; None: preset.rate_fraction × first N's
+    rate: float | None = None  # open-loop requests/s; None: the preset's (see BenchPreset)
     seed: int = 0
     show_progress: bool = True
     command: str = ""
@@ -139,7 +139,7 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
     names = assets.adapter_names(max(counts))
     by_n: dict[str, Any] = {}
     registration: dict[str, Any] = {"register_s": 0.0, "registered": 0}
-    rate = opts.rate
+    rate = opts.rate if opts.rate is not None else preset.open_rate
     cfg = preset.cluster_config(str(assets.model_dir))
     starting = ProgressBar(f"starting the engine ({opts.backend})", 1, enabled=opts.show_progress)
     with open_target(cfg, opts.backend) as target:
@@ -168,13 +168,19 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
                              enabled=opts.show_progress, unit="s") as bar:
                 opened = summarize(run_open_loop(
                     target, requests, arrivals, names,
-                    max_in_flight=min(60, max(8, preset.clients)), bar=bar))
+                    max_in_flight=_max_in_flight(preset), bar=bar))
                 opened["rate"] = rate
                 p99 = opened["ttft_s"]["p99"]
                 bar.note = f"TTFT p99 {p99 * 1e3:.0f} ms" if p99 is not None else ""
             by_n[str(n)] = {"adapters": n, "closed": closed, "open": opened}
         registration.update(_registration_costs(target, assets, registration, done))
     return {"by_adapters": by_n, "registration": registration, "open_loop_rate": rate}
+
+
+def _max_in_flight(preset: BenchPreset) -> int:
+    """Open-loop client threads: enough that arrivals are sent on time even when the engine
+    queues a full batch's worth, within the controller actor's concurrency (see handle.py)."""
+    return 2 * preset.max_num_seqs + 8
 
 
 def _registration_costs(target: Any, assets: BenchAssets, registration: dict[str, Any],

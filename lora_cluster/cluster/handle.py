@@ -65,8 +65,11 @@ class Cluster:
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         config = config.resolved(cuda_available=gpus)
         placement = create_placement(config, name=name)
+        # Each in-flight generate call holds an actor thread: leave room for a full batch
+        # of waiting callers plus admin calls (stats, loads) at saturation.
         options: dict[str, Any] = {"scheduling_strategy": placement.controller_strategy(),
-                                   "num_cpus": 0}
+                                   "num_cpus": 0,
+                                   "max_concurrency": max(64, 2 * config.max_num_seqs + 16)}
         if name is not None:
             options.update(name=ACTOR_PREFIX + name, lifetime="detached",
                            namespace=config.namespace)
