@@ -115,3 +115,27 @@ def test_presets_and_cli_names_agree() -> None:
     assert get_preset("cpu-tiny").adapter_counts[-1] == 10_000
     with pytest.raises(ConfigError, match="preset"):
         get_preset("nope")
+
+
+def test_goals_from_a_synthetic_result() -> None:
+    from lora_cluster.bench.goals import evaluate_goals
+
+    def row(tok_s: float) -> dict:
+        return {"closed": {"tokens_per_s": tok_s}}
+
+    result = {"engine": {"by_adapters": {"5": row(1000.0), "100": row(960.0),
+                                         "10000": row(920.0)}},
+              "baselines": {"peft": {"100": {"tokens_per_s": 30.0}}},
+              "step_time": {"ratio_distinct_vs_one": 1.2}, "machine": {"gpu": "X"}}
+    goals = evaluate_goals(result)
+    assert goals["scale_10000_vs_5"]["value"] == pytest.approx(0.92)
+    assert goals["scale_10000_vs_5"]["met"] is True
+    assert goals["speedup_vs_peft_at_100"]["value"] == pytest.approx(32.0)
+    assert goals["speedup_vs_peft_at_100"]["met"] is True
+    assert goals["decode_step_distinct_vs_one"]["met"] is False
+    del result["engine"]["by_adapters"]["10000"]
+    result["baselines"]["peft"]["100"] = {"skipped": "not installed"}
+    goals = evaluate_goals(result)
+    assert goals["scale_10000_vs_5"]["met"] is None
+    assert goals["speedup_vs_peft_at_100"]["met"] is None
+    assert goals["scale_100_vs_5"]["value"] == pytest.approx(0.96)  # informational

@@ -41,7 +41,7 @@ def evaluate_goals(result: dict[str, Any]) -> dict[str, Any]:
     step = result.get("step_time", {}).get("ratio_distinct_vs_one")
     machine = result.get("machine", {})
     on = machine.get("gpu") or f"CPU ({machine.get('cpu')})"
-    return {
+    goals = {
         "scale_10000_vs_5": _goal(scale, SCALE_TARGET,
                                   note="closed-loop tok/s, 10,000 vs 5 registered adapters"),
         "speedup_vs_peft_at_100": _goal(speedup, PEFT_TARGET,
@@ -51,3 +51,11 @@ def evaluate_goals(result: dict[str, Any]) -> dict[str, Any]:
             float(step) if step is not None else None, STEP_TARGET, at_most=True,
             note="median decode step, B distinct adapters vs all on one"),
     }
+    # Where 10,000 was not run (the GPU preset stops at 1,000), the largest N says how far
+    # the same bar holds; informational.
+    largest = max((int(n) for n in result.get("engine", {}).get("by_adapters", {})), default=0)
+    if scale is None and at5 and largest > 5:
+        value = (_engine_tok_s(result, largest) or 0.0) / at5
+        goals[f"scale_{largest}_vs_5"] = _goal(
+            value, SCALE_TARGET, note=f"informational: {largest:,} vs 5 (the goal names 10,000)")
+    return goals
