@@ -24,7 +24,25 @@ from typing import Any, Protocol
 
 import torch
 
+from lora_cluster.adapters.weights import LoRATensors, ModuleKey
+
 _TIMINGS_KEPT = 64  # recent activations whose device time stats() reports
+
+
+def slot_ready(modules: dict[ModuleKey, LoRATensors], dtype: torch.dtype, *,
+               pin: bool) -> dict[ModuleKey, LoRATensors]:
+    """Host copies a slot write only has to copy: cast to the model's ``dtype`` with the
+    scaling folded into ``b`` in float32 (the slot writer's own arithmetic, done once at load
+    instead of at every activation), scaling 1.0, page-locked when ``pin`` (GPU hosts)."""
+    out = {}
+    for key, t in modules.items():
+        a = t.a.to(dtype)
+        b = t.b if t.scaling == 1.0 and t.b.dtype == dtype else (
+            t.b.to(torch.float32) * t.scaling).to(dtype)
+        if pin:
+            a, b = a.pin_memory(), b.pin_memory()
+        out[key] = LoRATensors(a, b, 1.0)
+    return out
 
 
 class SlotModel(Protocol):

@@ -4,7 +4,8 @@ The first command of a version opens the file once (header parsed, whole adapter
 each command reads only the layers it names, parts arriving in file order. A part waits in
 ``_partial`` until its layer is complete — ``LayerArrivals`` tracks those layers by weak
 reference and warns once per update when two or more pile up — and a complete layer moves to
-``staged`` (copied to pinned memory on GPU hosts, so activating it later is a plain DMA).
+``staged`` as slot-ready host copies (model dtype, scale folded, pinned on GPU hosts, so
+activating it later is plain copies / an async DMA).
 The final command reads whatever layers remain (all of them for a one-command update, the
 model-wide targets otherwise) and turns ``staged`` into the version's host-cache entry.
 
@@ -17,26 +18,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import torch
+
 from lora_cluster.adapters.layer_stream import LayerStream
 from lora_cluster.adapters.staging import Layer, LayerArrivals
 from lora_cluster.adapters.weights import AdapterWeights, LoRATensors, ModuleKey
+from lora_cluster.engine.slot_activation import slot_ready
 from lora_cluster.errors import ClusterError
 from lora_cluster.model.parallel import ParallelInfo
 from lora_cluster.model.spec import ModelSpec
-
-
-def pinned_modules(modules: dict[ModuleKey, LoRATensors]) -> dict[ModuleKey, LoRATensors]:
-    """Page-locked copies (GPU hosts): slot activation then copies asynchronously."""
-    return {key: LoRATensors(t.a.pin_memory(), t.b.pin_memory(), t.scaling)
-            for key, t in modules.items()}
 
 
 class StagedUpdate:
     """One adapter version being staged on one rank (see module docstring)."""
 
     def __init__(self, path: str, spec: ModelSpec, parallel: ParallelInfo, *, name: str,
-                 version: int, max_lora_rank: int, pin: bool) -> None:
-        self.name, self.version, self.pin = name, version, pin
+                 version: int, max_lora_rank: int, dtype: torch.dtype, pin: bool) -> None:
+        self.name, self.version, self.dtype, self.pin = name, version, dtype, pin
         self.rank = parallel.rank
         self.stream = LayerStream(path, spec, parallel, name=name, version=version,
                                   max_lora_rank=max_lora_rank)
@@ -56,11 +54,9 @@ class StagedUpdate:
             held.update(modules)
             if self.arrivals.arrive(layer, [x for m in modules.values() for x in (m.a, m.b)]):
                 done = self._partial.pop(layer)
-                if self.pin:
-                    t0 = time.perf_counter()
-                    done = pinned_modules(done)
-                    self.pin_ms += (time.perf_counter() - t0) * 1e3
-                self.staged.update(done)
+                t0 = time.perf_counter()
+                self.staged.update(slot_ready(done, self.dtype, pin=self.pin))
+                self.pin_ms += (time.perf_counter() - t0) * 1e3
 
     def finish(self) -> tuple[AdapterWeights, tuple[tuple[str, float], ...]]:
         """Stage what remains; the complete version and where the time went (all commands)."""
@@ -72,7 +68,9 @@ class StagedUpdate:
         weights = AdapterWeights(self.name, self.version, self.stream.rank, dict(self.staged))
         breakdown = dict(self.stream.stats.breakdown())
         if self.pin:
-            breakdown["pin"] = self.pin_ms
+            breakdown["pin"] = self.pin_ms  # cast, fold and page-lock
+        else:
+            breakdown["convert"] += self.pin_ms
         self.close()
         return weights, tuple(breakdown.items())
 

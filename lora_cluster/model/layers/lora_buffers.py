@@ -28,18 +28,23 @@ class LoRACapacity:
     max_rank: int
 
 
-# Host → device copies are non-blocking and keep the source dtype (casts run on the device):
-# from pinned host memory they are plain DMAs on the caller's stream, so a slot write issued on
-# a side stream never blocks the host (see engine/slot_activation.py).
+# Host → device copies are non-blocking (casts run on the device): from pinned host memory they
+# are plain DMAs on the caller's stream, so a slot write issued on a side stream never blocks
+# the host (see engine/slot_activation.py). Tensors already in the buffer's dtype with the
+# scale folded in ("slot-ready", scaling 1.0) are copied as they are: one copy per tensor.
 
 
 def _scaled(b: torch.Tensor, scaling: float, like: torch.Tensor) -> torch.Tensor:
+    if scaling == 1.0 and b.dtype == like.dtype:
+        return b
     # Fold the scale in float32 before the cast so low-precision models lose nothing extra.
     b = b.to(device=like.device, non_blocking=True)
     return (b.to(torch.float32) * scaling).to(like.dtype)
 
 
 def _cast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if a.dtype == like.dtype:
+        return a
     return a.to(device=like.device, non_blocking=True).to(like.dtype)
 
 
@@ -78,8 +83,8 @@ class LinearLoRA(nn.Module):
         """Slice ``index`` of ``slot`` ← a [r, in_local], b [out_i, r] · scaling."""
         r = a.shape[0]
         lo, hi = self.slice_offsets[index], self.slice_offsets[index + 1]
-        self.lora_a[index, slot, :r].copy_(_cast(a, self.lora_a))
-        self.lora_b[slot, lo:hi, :r].copy_(_scaled(b, scaling, self.lora_b))
+        self.lora_a[index, slot, :r].copy_(_cast(a, self.lora_a), non_blocking=True)
+        self.lora_b[slot, lo:hi, :r].copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
 
 
 class EmbeddingLoRA(nn.Module):
@@ -107,8 +112,8 @@ class EmbeddingLoRA(nn.Module):
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """``slot`` ← a [r, V_local] (PEFT lora_embedding_A), b [H, r] · scaling."""
         r = a.shape[0]
-        self.lora_a[slot, :, :r].copy_(_cast(a, self.lora_a).T)
-        self.lora_b[slot, :, :r].copy_(_scaled(b, scaling, self.lora_b))
+        self.lora_a[slot, :, :r].copy_(_cast(a, self.lora_a).T, non_blocking=True)
+        self.lora_b[slot, :, :r].copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
 
 
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -158,10 +163,10 @@ class ExpertLoRA(nn.Module):
         """``part`` of every local expert ← a [E, r, in_local], b [E, out_local, r] · scaling."""
         rows, r, inter = self._entries(slot), a.shape[1], self.inter_local
         if part == "down_proj":
-            self.a2[0, rows, :r].copy_(_cast(a, self.a2))
-            self.b2[rows, :, :r].copy_(_scaled(b, scaling, self.b2))
+            self.a2[0, rows, :r].copy_(_cast(a, self.a2), non_blocking=True)
+            self.b2[rows, :, :r].copy_(_scaled(b, scaling, self.b2), non_blocking=True)
             return
         index = EXPERT_PARTS.index(part)
-        self.a13[index, rows, :r].copy_(_cast(a, self.a13))
+        self.a13[index, rows, :r].copy_(_cast(a, self.a13), non_blocking=True)
         self.b13[rows, index * inter:(index + 1) * inter, :r].copy_(
-            _scaled(b, scaling, self.b13))
+            _scaled(b, scaling, self.b13), non_blocking=True)
