@@ -143,3 +143,21 @@ def test_cpu_activator_is_synchronous():
     act.synchronize()
     assert calls == [("set", 2), ("clear", 2)] and act.pending() == []
     assert not act.asynchronous and act.stats()["activations"] == 1
+
+
+def test_activation_benchmark_dry_run(tmp_path):
+    """benchmarks/activation.py runs every code path on CPU (tiny config) and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "activation.py"
+    out = tmp_path / "activation.json"
+    proc = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "activation / pinned bandwidth" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["card"] == "cpu" and report["correctness"]["ok"]
+    assert report["decode"]["steps_per_mode"] > 0 and report["activation"]["bytes"] > 0

@@ -125,13 +125,21 @@ class SlotActivator:
             self.stream.synchronize()
         self._ready.clear()
 
+    def last_event(self) -> Any:
+        """The end event of the newest write (CUDA), None on CPU or before any write."""
+        return self._timings[-1][2] if self._timings else None
+
+    def finished_timings(self) -> list[tuple[int, float]]:
+        """(bytes, device ms) of the recent activations that have finished (CUDA)."""
+        return [(n, s.elapsed_time(e)) for n, s, e in self._timings if e.query()]
+
     def stats(self) -> dict[str, Any]:
         """Counts, and the device time/throughput of recent finished activations (CUDA)."""
         out: dict[str, Any] = {"asynchronous": self.asynchronous, "activations": self.activations,
                                "bytes_activated": self.bytes_activated,
                                "step_waits": self.step_waits, "issue_ms": self.host_ms,
                                "pending_slots": self.pending()}
-        done = [(n, s.elapsed_time(e)) for n, s, e in self._timings if e.query()]
+        done = self.finished_timings()
         if done:
             total_bytes, total_ms = sum(n for n, _ in done), sum(ms for _, ms in done)
             out["recent_device_ms"] = total_ms
