@@ -22,7 +22,12 @@ from lora_cluster.engine.controller_core import ControllerCore
 from lora_cluster.engine.messages import LoadAdapter, LoadResult, Step, UpdateAdapter
 from lora_cluster.engine.rank_group import LocalRankGroup
 from lora_cluster.engine.rank_runtime import RankRuntime
-from lora_cluster.errors import AdapterFormatError, AdapterShapeError, UnknownAdapterError
+from lora_cluster.errors import (
+    AdapterFormatError,
+    AdapterRankError,
+    AdapterShapeError,
+    UnknownAdapterError,
+)
 from lora_cluster.model.parallel import LocalComm, ParallelInfo
 from lora_cluster.model.spec import load_model_spec
 
@@ -260,3 +265,19 @@ def test_rank_stages_only_the_named_layers_and_matches_a_whole_load(qwen3_moe_di
     for key, t in a.modules.items():
         assert t.a.equal(b.modules[key].a) and t.b.equal(b.modules[key].b)
     rt.close()
+
+
+def test_rank_refuses_a_layer_its_slots_cannot_hold(qwen3_moe_dir, versions):
+    """Each staged layer is checked against the model's slots: a refusal is typed, mid-way,
+    and frees the staging (here the slots are made narrower than the header check allows)."""
+    rt = RankRuntime(config(qwen3_moe_dir), ParallelInfo(), LocalComm())
+    try:
+        rt.execute(LoadAdapter(seq=0, name="old", version=1, path=str(versions[1])))
+        assert rt.model.slot_table is not None
+        rt.model.slot_table.max_rank = 4  # the fixture adapters have rank 8
+        with pytest.raises(AdapterRankError, match="exceeds max_lora_rank=4"):
+            rt.execute(UpdateAdapter(seq=1, name="new", version=1, path=str(versions[2]),
+                                     layers=(0,), final=False))
+        assert rt._staging == {} and set(rt.host_cache) == {("old", 1)}
+    finally:
+        rt.close()

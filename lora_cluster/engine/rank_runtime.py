@@ -197,7 +197,8 @@ class RankRuntime:
             self._check_room(cmd.key)
             staged = StagedUpdate(cmd.path, self.spec, self.parallel, name=cmd.name,
                                   version=cmd.version, max_lora_rank=self.config.max_lora_rank,
-                                  dtype=self.dtype, pin=self.device.type == "cuda")
+                                  dtype=self.dtype, pin=self.device.type == "cuda",
+                                  check=self._check_fits)
             self._staging[cmd.key] = staged
         try:
             if cmd.layers is not None or not cmd.final:
@@ -215,6 +216,11 @@ class RankRuntime:
                             breakdown_ms=breakdown)
         self.load_stats[cmd.key] = result
         return result
+
+    def _check_fits(self, weights: AdapterWeights) -> None:
+        """Typed refusal (shape, rank, unknown module) of modules the slots could not take."""
+        if self.model.slot_table is not None:
+            self.model.slot_table.validate(weights)  # type: ignore[arg-type]
 
     def _check_room(self, key: AdapterKey) -> None:
         # A version being staged holds a host-cache entry from its first command on.

@@ -16,7 +16,7 @@ flips its pointer, and a failed or abandoned update is dropped with ``close``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -33,8 +33,10 @@ class StagedUpdate:
     """One adapter version being staged on one rank (see module docstring)."""
 
     def __init__(self, path: str, spec: ModelSpec, parallel: ParallelInfo, *, name: str,
-                 version: int, max_lora_rank: int, dtype: torch.dtype, pin: bool) -> None:
+                 version: int, max_lora_rank: int, dtype: torch.dtype, pin: bool,
+                 check: Callable[[AdapterWeights], None] | None = None) -> None:
         self.name, self.version, self.dtype, self.pin = name, version, dtype, pin
+        self.check = check  # e.g. the model's slot-table shape check, per staged layer
         self.rank = parallel.rank
         self.stream = LayerStream(path, spec, parallel, name=name, version=version,
                                   max_lora_rank=max_lora_rank)
@@ -54,6 +56,8 @@ class StagedUpdate:
             held.update(modules)
             if self.arrivals.arrive(layer, [x for m in modules.values() for x in (m.a, m.b)]):
                 done = self._partial.pop(layer)
+                if self.check is not None:  # a typed refusal now, not at activation time
+                    self.check(AdapterWeights(self.name, self.version, self.stream.rank, done))
                 t0 = time.perf_counter()
                 self.staged.update(slot_ready(done, self.dtype, pin=self.pin))
                 self.pin_ms += (time.perf_counter() - t0) * 1e3
