@@ -24,6 +24,7 @@ from lora_cluster.engine.rank_group import LocalRankGroup
 from lora_cluster.engine.rank_runtime import RankRuntime
 from lora_cluster.errors import (
     AdapterFormatError,
+    AdapterNotFoundError,
     AdapterRankError,
     AdapterShapeError,
     UnknownAdapterError,
@@ -281,3 +282,30 @@ def test_rank_refuses_a_layer_its_slots_cannot_hold(qwen3_moe_dir, versions):
         assert rt._staging == {} and set(rt.host_cache) == {("old", 1)}
     finally:
         rt.close()
+
+
+def test_stats_report_load_phases_place_tiers_and_failures(qwen3_moe_dir, versions):
+    core = make_core(qwen3_moe_dir, max_loras=1, max_cpu_loras=2)
+    try:
+        core.load_adapter("a", str(versions[1]))
+        core.load_adapter("b", str(versions[2]))
+        core.generate([[1, 2]], "a", G)
+        core.generate([[1, 2]], "b", G)  # b takes a's only slot: a device eviction
+        core.update_adapter("a", str(versions[2]))
+        core.generate([[1, 2]], "a", G)
+        with pytest.raises(AdapterNotFoundError):
+            core.load_adapter("c", str(Path(versions[1]).parent / "no-such-adapter"))
+        stats = core.stats()
+        a = stats["adapters"]["a"]
+        assert a["version"] == 2 and a["updates"] == 1 and a["places"] >= 1 and a["place_ms"] > 0
+        assert {"read", "validate", "convert", "total"} <= set(a["load_breakdown_ms"])
+        assert a["bytes_per_rank"] == [core.group.runtime.host_cache[("a", 2)].nbytes]
+        assert stats["tiers"]["device"]["evictions"] >= 1 and stats["tiers"]["device"]["misses"] >= 3
+        assert {"hits", "misses", "evictions"} <= set(stats["tiers"]["host"])
+        assert stats["failures_by_cause"] == stats["failed_loads_by_cause"] and sum(
+            stats["failures_by_cause"].values()) == 1
+        assert stats["updates"]["last"]["a"]["outcome"] == "ok"
+        rank = core.group.runtime.stats()
+        assert rank["activation"]["activations"] >= 3 and rank["staging"] == {}
+    finally:
+        core.shutdown()
