@@ -102,6 +102,9 @@ class MirrorGroup:
         self.lock = threading.Lock()  # the core serializes; this checks that it does
         self.updates_between_steps = 0
         self._last_was_update = False
+        self.kill_step_after_update = False  # the first step after an update group "dies"
+        self.restarts = 0
+        self.world, self.max_cpu = world, max_cpu
 
     def describe(self) -> GroupInfo:
         return GroupInfo(world_size=len(self.ranks), num_kv_blocks=256, block_size=4,
@@ -117,6 +120,9 @@ class MirrorGroup:
         try:
             if self._last_was_update:
                 self.updates_between_steps += 1
+                if self.kill_step_after_update:
+                    self.kill_step_after_update = False
+                    raise ClusterError("rank 1 died (injected)", rank=1)
             self._last_was_update = False
             time.sleep(0.0005)
             tokens = []
@@ -144,7 +150,10 @@ class MirrorGroup:
             self.lock.release()
 
     def restart(self) -> GroupInfo:
-        raise AssertionError("no rank failures in this test")
+        self.restarts += 1
+        self.ranks = [MirrorRank(r, self.max_loras, self.max_cpu) for r in range(self.world)]
+        self._last_was_update = False
+        return self.describe()
 
     def close(self) -> None:
         pass
@@ -246,4 +255,28 @@ def test_updates_race_generation_on_several_ranks(chunked_inspect, seed):
         assert stats["failed_updates_by_cause"].get("adapter_format", 0) == outcomes["failed"]
     finally:
         stop.set()
+        core.shutdown()
+
+
+def test_rank_group_rebuilt_mid_update_fails_it_cleanly(chunked_inspect):
+    group = MirrorGroup(2, 2, 4, random.Random(0))
+    cfg = ClusterConfig(model="/unused", device="cpu", dtype="float32", max_loras=2,
+                        max_cpu_loras=4, block_size=4, tp_size=1, ep_size=2)
+    core = ControllerCore(cfg, SPEC, group)
+    core.updates.chunk_bytes = 10
+    try:
+        core.load_adapter("a", "src-a")
+        running = core.submit([5], "a", SamplingParams(max_tokens=30, ignore_eos=True))
+        next(iter(running))
+        group.kill_step_after_update = True
+        with pytest.raises(ClusterError, match="rebuilt during the update"):
+            core.update_adapter("a", "src-a-2")
+        assert group.restarts == 1 and _check(running) == 1  # retried on v1 after the rebuild
+        assert all(r.staging == {} and ("a", 2) not in r.host for r in group.ranks)
+        assert not core.adapters.staging and core.list_adapters()[0].version == 1
+        assert core.update_adapter("a", "src-a-3").version == 3
+        handle = core.submit([5], "a", SamplingParams(max_tokens=3, ignore_eos=True))
+        assert _check(handle) == 3
+        assert core.stats()["failed_updates_by_cause"] == {"cluster_unavailable": 1}
+    finally:
         core.shutdown()

@@ -94,9 +94,12 @@ class LayerwiseUpdater:
         groups = plan_layer_groups(dict(meta.layer_bytes), self.chunk_bytes)
         start = time.perf_counter()
         steps = 0
-        with self._exec(), self._state():
-            key = self._begin(name, path)
+        with self._state():
+            self.adapters.record(name)  # still registered (UnknownAdapterError otherwise)
+            key = (name, self.adapters.next_version(name))
         try:
+            with self._exec(), self._state():
+                self._begin(key, path)
             for layers in groups:
                 with self._exec():
                     self._check_staging(key)
@@ -117,20 +120,18 @@ class LayerwiseUpdater:
         return info
 
     # ---------------------------------------------------------------- steps of the protocol
-    def _begin(self, name: str, path: str) -> AdapterKey:
+    def _begin(self, key: AdapterKey, path: str) -> None:
         ac = self.adapters
-        ac.record(name)  # still registered (UnknownAdapterError otherwise)
-        key = (name, ac.next_version(name))
         tid = tier_id(key)
-        for victim in ac.tiers.admit_host(tid):
-            ac._drop_on_ranks(ac.keys[victim])
-            ac._forget_if_dead(ac.keys[victim])
+        victims = ac.tiers.admit_host(tid)  # CapacityError: every host entry is held
         ac.tiers.pin(tid)  # no LRU eviction of a version that is half staged
         ac.keys[tid] = key
         ac.paths[key] = path
         ac.staging.add(key)
-        self.in_progress[name] = key
-        return key
+        self.in_progress[key[0]] = key
+        for victim in victims:
+            ac._drop_on_ranks(ac.keys[victim])
+            ac._forget_if_dead(ac.keys[victim])
 
     def _check_staging(self, key: AdapterKey) -> None:
         if key not in self.adapters.staging:
