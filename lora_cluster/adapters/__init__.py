@@ -4,6 +4,7 @@ No Ray and no transformers/peft here (those are test oracles only).
 """
 
 from lora_cluster.adapters.config import AdapterConfig, parse_adapter_config, read_adapter_config
+from lora_cluster.adapters.layer_stream import LayerStream
 from lora_cluster.adapters.load_spec import LoadSpec, build_load_spec
 from lora_cluster.adapters.loader import (
     LoadedAdapter,
@@ -14,6 +15,7 @@ from lora_cluster.adapters.loader import (
 )
 from lora_cluster.adapters.plan import AdapterPlan, TargetPlan
 from lora_cluster.adapters.sources import FailedLoads, resolve_source
+from lora_cluster.adapters.staging import BufferedLayers, LayerArrivals
 from lora_cluster.adapters.tiers import AdapterTiers, Placement, TierStats
 from lora_cluster.adapters.validation import NameVerdict, check_names
 from lora_cluster.adapters.weights import AdapterWeights, LoRATensors, ModuleKey
@@ -23,7 +25,10 @@ __all__ = [
     "AdapterPlan",
     "AdapterTiers",
     "AdapterWeights",
+    "BufferedLayers",
     "FailedLoads",
+    "LayerArrivals",
+    "LayerStream",
     "LoRATensors",
     "LoadSpec",
     "LoadStats",

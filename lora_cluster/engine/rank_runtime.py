@@ -297,4 +297,3 @@ class RankRuntime:
         del self.model, self.kv_cache
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
