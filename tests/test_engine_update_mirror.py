@@ -280,3 +280,23 @@ def test_rank_group_rebuilt_mid_update_fails_it_cleanly(chunked_inspect):
         assert core.stats()["failed_updates_by_cause"] == {"cluster_unavailable": 1}
     finally:
         core.shutdown()
+
+
+def test_pinned_adapter_stays_pinned_across_an_update(chunked_inspect):
+    group = MirrorGroup(2, 2, 4, random.Random(0))
+    cfg = ClusterConfig(model="/unused", device="cpu", dtype="float32", max_loras=2,
+                        max_cpu_loras=4, block_size=4, tp_size=1, ep_size=2)
+    core = ControllerCore(cfg, SPEC, group)
+    core.updates.chunk_bytes = 10
+    try:
+        core.load_adapter("a", "src-a")
+        core.pin_adapter("a")
+        info = core.update_adapter("a", "src-a-2")
+        assert info.version == 2 and info.pinned and info.residency == "device"
+        tiers = core.adapters.tiers
+        assert tiers.is_pinned("a@v2") and not tiers.in_host("a@v1")
+        assert all(("a", 2) in r.slots and ("a", 1) not in r.host for r in group.ranks)
+        handle = core.submit([7], "a", SamplingParams(max_tokens=2, ignore_eos=True))
+        assert _check(handle) == 2
+    finally:
+        core.shutdown()

@@ -25,6 +25,7 @@ sizes are unknown) is staged by a single final command.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -111,10 +112,12 @@ class LayerwiseUpdater:
                 with self._state():
                     info = self._switch(key, source, path, meta, results,
                                         (time.perf_counter() - start) * 1e3)
-        except LoRAClusterError as err:
+        except BaseException as exc:  # typed or not, nothing of the new version may stay
             self._abort(key)
-            self.adapters.update_failures_by_cause[err.code] += 1
-            self._record(name, key, groups, start, steps, err.code)
+            code = exc.code if isinstance(exc, LoRAClusterError) else type(exc).__name__
+            with self._state():
+                self.adapters.update_failures_by_cause[code] += 1
+            self._record(name, key, groups, start, steps, code)
             raise
         self._record(name, key, groups, start, steps, "ok")
         return info
@@ -164,7 +167,13 @@ class LayerwiseUpdater:
         rec.updates += 1
         ac.retire_locked(old_key)
         if rec.pinned:
-            ac.pin_locked(key)
+            try:
+                ac.pin_locked(key)
+            except LoRAClusterError as err:  # the switch stands; the user pin is lost
+                rec.pinned = False
+                rec.error = (f"re-pinning version {key[1]} after the update failed: {err}; "
+                             f"pin_adapter again")
+                logger.warning("adapter %r: %s", key[0], rec.error)
         return rec.info(ac.residency_of(rec))
 
     def _abort(self, key: AdapterKey) -> None:
@@ -191,5 +200,5 @@ class LayerwiseUpdater:
 
     def stats(self) -> dict[str, Any]:
         return {"in_progress": {n: k[1] for n, k in self.in_progress.items()},
-                "last": {n: vars(r) for n, r in self.last.items()},
+                "last": {n: dataclasses.asdict(r) for n, r in self.last.items()},
                 "chunk_bytes": self.chunk_bytes}
