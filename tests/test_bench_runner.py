@@ -62,6 +62,11 @@ def test_engine_figures_are_consistent(result: dict[str, Any]) -> None:
             assert phase["steps"] > 0 and 0 < phase["tokens_per_step"] <= preset.max_num_seqs
         # the server's token counter over the same window agrees with the client's count
         assert 0.5 < closed["server_tokens_per_s"] / closed["tokens_per_s"] < 2.0
+        windows = [w["tokens_per_s"] for w in closed["windows"]]
+        assert len(windows) == preset.windows == 3
+        assert sorted(windows)[1] == closed["tokens_per_s_median"]
+        assert sum(w["duration_s"] for w in closed["windows"]) == pytest.approx(
+            closed["duration_s"], rel=0.05)
         assert closed["clients"] == preset.clients
         assert opened["requests"] == opened["offered_requests"] == round(20.0 * 1.5)
         assert opened["rate"] == 20.0
@@ -92,6 +97,7 @@ def test_baselines_ran_with_real_numbers(result: dict[str, Any]) -> None:
             assert row["requests"] >= 4 and row["batch_size"] == 4
             assert row["tokens_per_s"] == pytest.approx(row["output_tokens"] / row["duration_s"])
             assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+            assert row["tokens_per_s_median"] > 0
             assert 1 <= row["distinct_adapters_per_batch"] <= n
     assert baselines["merged"]["bytes_per_adapter"] > 0
 
@@ -165,6 +171,10 @@ def test_cli_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture
     saved = json.loads((tmp_path / "out" / "e2e_cpu-tiny.json").read_text())
     assert saved["adapter_counts"] == [2] and saved["settings"]["max_num_seqs"] == 4
     assert saved["command"].startswith("lora-cluster") or "bench" in saved["command"]
+    # --render redraws a saved result without running anything
+    assert main(["bench", "--render", str(tmp_path / "out" / "e2e_cpu-tiny.json"),
+                 "--out", str(tmp_path / "render")]) == 0
+    assert "preset cpu-tiny (local)" in capsys.readouterr().out
 
 
 @pytest.mark.ray

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,8 @@ RunBatch = Callable[[Sequence[BenchRequest]], list[list[int]]]
 def measure_batches(run_batch: RunBatch, stream: RequestStream, *, batch_size: int,
                     duration_s: float, min_batches: int = 1,
                     bar: ProgressBar | None = None) -> dict[str, Any]:
-    """Throughput of back-to-back batches for ``duration_s`` (at least ``min_batches``).
+    """Throughput of back-to-back batches for ``duration_s`` (at least ``min_batches``); the
+    median batch's rate is the headline (as the engine's median sub-window).
 
     A short warm-up first (two requests of another stream of the same workload: kernels,
     allocator and caches warm, none of the measured requests spent).
@@ -36,6 +38,7 @@ def measure_batches(run_batch: RunBatch, stream: RequestStream, *, batch_size: i
     requests = tokens = batches = 0
     latencies = []
     distinct = []
+    rates = []  # (tokens/s, requests/s) of each batch
     while batches < min_batches or time.perf_counter() - start < duration_s:
         batch = stream.take_many(batch_size)
         t = time.perf_counter()
@@ -44,6 +47,7 @@ def measure_batches(run_batch: RunBatch, stream: RequestStream, *, batch_size: i
         distinct.append(len({r.adapter for r in batch}))
         if [len(o) for o in out] != [r.max_tokens for r in batch]:
             raise RuntimeError("baseline returned the wrong number of tokens for a request")
+        rates.append((sum(len(o) for o in out) / latencies[-1], len(batch) / latencies[-1]))
         tokens += sum(len(o) for o in out)
         requests += len(batch)
         batches += 1
@@ -52,6 +56,8 @@ def measure_batches(run_batch: RunBatch, stream: RequestStream, *, batch_size: i
     elapsed = time.perf_counter() - start
     return {"requests": requests, "output_tokens": tokens, "duration_s": elapsed,
             "requests_per_s": requests / elapsed, "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_median": statistics.median(r[0] for r in rates),
+            "requests_per_s_median": statistics.median(r[1] for r in rates),
             "batches": batches, "batch_size": batch_size,
             "distinct_adapters_per_batch": sum(distinct) / len(distinct),
             "batch_latency_s": percentiles(latencies)}

@@ -4,6 +4,7 @@
     lora-cluster bench --preset cpu-tiny --adapters 1,5 --duration 5 --parts engine
     lora-cluster bench --preset h100-moe --parts engine,steptime --out benchmarks/results
     lora-cluster bench --preset h100-moe --parts merged,peft --update benchmarks/results/e2e_h100-moe.json
+    lora-cluster bench --render benchmarks/results/e2e_h100-moe.json --out benchmarks/results
 
 Writes ``<out>/e2e_<preset>.json`` and ``.png``, prints the table (or the JSON with --json);
 progress goes to stderr.
@@ -68,6 +69,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
     p.add_argument("--update", default=None, metavar="JSON",
                    help="merge this run's parts into an earlier result file of the same preset")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="run nothing: print the table of a result file and draw its PNG in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -92,11 +95,24 @@ def _command_line() -> str:
     return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+def _render(path: Path, out: Path, as_json: bool) -> int:
+    from lora_cluster.bench.report import format_report, plot
+
+    result = json.loads(path.read_text())
+    png = out / f"{path.stem}.png"
+    note = plot(result, png)
+    print(json.dumps(result, indent=1, sort_keys=True) if as_json else format_report(result))
+    print(note or f"wrote {png}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from lora_cluster.bench.report import format_report, merge_results, plot, write_json
     from lora_cluster.bench.sweep import BenchOptions, run_bench
 
     preset = _preset_from_args(args)
+    if args.render:
+        return _render(Path(args.render), Path(args.out), args.json)
     opts = BenchOptions(
         preset=preset, adapter_counts=args.adapters or preset.adapter_counts,
         cache_dir=Path(args.cache_dir), backend=args.backend,

@@ -44,6 +44,7 @@ class BenchPreset:
     output_len: tuple[int, int] = (8, 32)
     warmup_s: float = 4.0
     duration_s: float = 15.0
+    windows: int = 3  # closed-loop sub-windows (the median one is the headline figure)
     open_duration_s: float = 15.0
     # Open-loop Poisson rate (requests/s), the same for every N; None: rate_fraction × the
     # smallest N's closed-loop requests/s (for machines whose capacity is not known yet).

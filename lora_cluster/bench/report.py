@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_cluster.bench.goals import baseline_tok_s, evaluate_goals
 from lora_cluster.bench.machine import machine_name
+from lora_cluster.bench.metrics import headline
 from lora_cluster.cli_format import format_table
 
 _SECTIONS = ("engine", "step_time", "baselines")
@@ -34,13 +35,13 @@ def _baseline_cell(result: dict[str, Any], kind: str, n: int) -> str:
         return "-"
     if "skipped" in row:
         return "skip"
-    return f"{row['tokens_per_s']:,.0f}"
+    return f"{headline(row):,.0f}"
 
 
 def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per adapter count: throughput, open-loop latency, tiers, baselines."""
     by_n = result.get("engine", {}).get("by_adapters", {})
-    ref = by_n.get("5", {}).get("closed", {}).get("tokens_per_s")
+    ref = headline(by_n["5"]["closed"]) if "5" in by_n else None
     headers = ["N", "req/s", "tok/s", "vs N=5", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
                "e2e p99 ms", "slot hit", "disk loads", "PEFT tok/s", "merged tok/s", "× PEFT"]
     rows = []
@@ -50,15 +51,16 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         c, o = row["closed"], row["open"]
         peft = baseline_tok_s(result, "peft", n)
+        tok_s = headline(c)
         rows.append([
-            f"{n:,}", _num(c["requests_per_s"]), _num(c["tokens_per_s"], "{:,.0f}"),
-            _num(c["tokens_per_s"] / ref if ref else None, "{:.0%}"),
+            f"{n:,}", _num(c.get("requests_per_s_median", c["requests_per_s"])),
+            _num(tok_s, "{:,.0f}"), _num(tok_s / ref if ref else None, "{:.0%}"),
             "/".join(_ms(o["ttft_s"][p]) for p in ("p50", "p90", "p99")),
             "/".join(_ms(o["tpot_s"][p]) for p in ("p50", "p90", "p99")),
             _ms(o["latency_s"]["p99"]),
             _num(c["slot_hit_rate"], "{:.0%}"), f"{c['adapter_loads']:,}",
             _baseline_cell(result, "peft", n), _baseline_cell(result, "merged", n),
-            _num(c["tokens_per_s"] / peft if peft else None, "{:.1f}×"),
+            _num(tok_s / peft if peft else None, "{:.1f}×"),
         ])
     return headers, rows
 
@@ -71,7 +73,9 @@ def format_report(result: dict[str, Any]) -> str:
     if engine:
         rate = engine.get("open_loop_rate")
         lines += ["", f"closed loop: {result['settings']['clients']} clients, "
-                      f"{result['settings']['duration_s']:.0f} s; open loop: Poisson "
+                      f"{result['settings']['duration_s']:.0f} s (req/s, tok/s: the median of "
+                      f"{result['settings'].get('windows', 1)} sub-windows; baselines: the median "
+                      f"batch); open loop: Poisson "
                       f"{_num(rate, '{:.1f}')} req/s (TTFT as the client sees it, TPOT the "
                       f"engine's, e2e from arrival)",
                   format_table(*engine_rows(result))]
@@ -140,7 +144,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     if not counts:
         return "no engine results to plot"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(counts, [by_n[str(n)]["closed"]["tokens_per_s"] for n in counts], "o-",
+    ax1.plot(counts, [headline(by_n[str(n)]["closed"]) for n in counts], "o-",
              label="lora_cluster")
     for kind, style in (("peft", "s--"), ("merged", "^:")):
         pts = [(n, v) for n in counts if (v := baseline_tok_s(result, kind, n)) is not None]

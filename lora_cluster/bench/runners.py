@@ -59,6 +59,8 @@ class PhaseRun:
     clients: int = 0
     rate: float = 0.0
     offered: int = 0
+    # closed loop: (stats, client time) at every sub-window boundary, first and last included
+    boundaries: list[tuple[dict[str, Any], float]] = field(default_factory=list)
 
 
 def sampling_for(request: BenchRequest) -> SamplingParams:
@@ -103,12 +105,14 @@ def _snapshot(target: Target) -> tuple[dict[str, Any], float]:
 
 
 def run_closed_loop(target: Target, stream: RequestStream, names: Sequence[str], *,
-                    clients: int, warmup_s: float, duration_s: float,
+                    clients: int, warmup_s: float, duration_s: float, windows: int = 1,
                     bar: ProgressBar | None = None) -> PhaseRun:
     """``clients`` threads each send a request as soon as their last one finished.
 
-    The first ``warmup_s`` seconds are not measured; the window is the next ``duration_s``.
-    Records of every finished request are kept (the summary picks the window's).
+    The first ``warmup_s`` seconds are not measured; the window is the next ``duration_s``,
+    cut into ``windows`` equal sub-windows with a stats snapshot at each boundary (the
+    summary reports each, and their median, beside the whole window). Records of every
+    finished request are kept (the summary picks the window's).
     """
     stop = threading.Event()
     records: list[RequestRecord] = []
@@ -126,9 +130,11 @@ def run_closed_loop(target: Target, stream: RequestStream, names: Sequence[str],
         t.start()
     tick = bar or ProgressBar("", 1.0, enabled=False)
     wait_with_bar(tick, warmup_s)
-    before, t0 = _snapshot(target)
-    wait_with_bar(tick, duration_s, offset=warmup_s)
-    after, t1 = _snapshot(target)
+    boundaries = [_snapshot(target)]
+    for k in range(windows):
+        wait_with_bar(tick, duration_s / windows, offset=warmup_s + k * duration_s / windows)
+        boundaries.append(_snapshot(target))
+    (before, t0), (after, t1) = boundaries[0], boundaries[-1]
     stop.set()
     deadline = time.monotonic() + _DRAIN_TIMEOUT_S
     for t in threads:
@@ -137,7 +143,7 @@ def run_closed_loop(target: Target, stream: RequestStream, names: Sequence[str],
         done = list(records)
     return PhaseRun(kind="closed", records=done, window=(t0, t1), stats_before=before,
                     stats_after=after, stats_times=(t0, t1), clients=clients,
-                    offered=len(done))
+                    offered=len(done), boundaries=boundaries)
 
 
 def run_open_loop(target: Target, requests: Sequence[BenchRequest], arrivals: np.ndarray,

@@ -113,6 +113,7 @@ def _settings(preset: BenchPreset, assets: BenchAssets) -> dict[str, Any]:
         "max_num_seqs": cfg.max_num_seqs, "clients": preset.clients,
         "prompt_len": list(preset.prompt_len), "output_len": list(preset.output_len),
         "zipf_alpha": 1.0, "warmup_s": preset.warmup_s, "duration_s": preset.duration_s,
+        "windows": preset.windows,
         "open_duration_s": preset.open_duration_s,
         "baseline_duration_s": preset.baseline_duration_s, "asset_dir": str(assets.root),
     }
@@ -157,10 +158,10 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
                 closed = summarize(run_closed_loop(
                     target, RequestStream(preset.workload(n, opts.seed)), names,
                     clients=preset.clients, warmup_s=preset.warmup_s,
-                    duration_s=preset.duration_s, bar=bar))
+                    duration_s=preset.duration_s, windows=preset.windows, bar=bar))
                 bar.note = f"{closed['requests_per_s']:.1f} req/s"
             if rate is None:
-                rate = preset.rate_fraction * closed["requests_per_s"]
+                rate = preset.rate_fraction * closed["requests_per_s_median"]
             count = max(1, round(rate * preset.open_duration_s))
             requests = RequestStream(preset.workload(n, opts.seed + 1)).take_many(count)
             arrivals = poisson_arrivals(rate, count, seed=opts.seed)
