@@ -8,9 +8,9 @@ Dry run (CPU, tiny): .venv/bin/python benchmarks/activation.py --dry-run
 
 Model: a Qwen3-MoE-shaped rank (default H=2048, 32 q / 4 kv heads × 128, 128 experts top-8
 of I=768, vocab 151,936, ``--layers`` decoder layers) with random bf16 weights, built in
-memory; adapters: LoRA rank ``--rank`` on q/k/v/o and on every expert's gate/up/down
-(per-expert, i.e. 2D), slot-ready and pinned in host memory exactly as a rank's host cache
-holds them. Measured, on one card:
+memory (slots of rank ``--max-lora-rank``); adapters: LoRA rank ``--rank`` on q/k/v/o and on
+every expert's gate/up/down (per-expert, i.e. 2D), slot-ready and pinned in host memory
+exactly as a rank's host cache holds them. Measured, on one card:
 
   pinned H2D     one large pinned host → device copy (CUDA events): the bandwidth ceiling
   activation     ``SlotActivator.activate`` on its side stream, nothing else running: device
@@ -288,6 +288,8 @@ def main() -> None:
                           ("vocab", 151936), ("rank", 16), ("batch", 32), ("context", 512),
                           ("steps", 100), ("rounds", 4), ("reps", 5), ("pinned-mb", 512)):
         p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--max-lora-rank", type=int, default=0,
+                   help="slot rank R (default: --rank; larger pads every slot write)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dry-run", action="store_true", help="tiny config on CPU (code paths only)")
@@ -305,7 +307,8 @@ def main() -> None:
     pin = device.type == "cuda"
     spec = build_spec(a)
     t0 = time.perf_counter()
-    model = build_model(spec, device, dtype, a.rank)
+    a.max_lora_rank = max(a.max_lora_rank, a.rank)
+    model = build_model(spec, device, dtype, a.max_lora_rank)
     adapters = [make_adapter(model, f"ad{i}", a.rank, dtype, seed=i, pin=pin) for i in range(4)]
     act = SlotActivator(model, device)
     for slot in (0, 1):
