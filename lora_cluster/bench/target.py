@@ -43,8 +43,14 @@ def open_target(config: ClusterConfig, backend: Backend = "ray") -> Iterator[Any
     if backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {BACKENDS}, got {backend!r}", field="backend")
     if backend == "ray":
+        import os
+
         from lora_cluster.cluster.handle import Cluster
 
+        # Ray runs its workers at nice 15 by default; the HF baselines run in this process at
+        # nice 0. Only matters for CPU ranks on a busy host, and only for a Ray this process
+        # starts itself: level the field there.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         target: Any = Cluster.start(config)
     else:
         target = start_local(config)
