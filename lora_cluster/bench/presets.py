@@ -1,7 +1,9 @@
 """Benchmark presets: the model, adapters, engine settings and workload of one machine class.
 
 ``cpu-tiny``: the tiny Qwen3-MoE fixture (H=96, 2 layers, 8 experts top-2) in float32 on CPU,
-rank-8 attention-only adapters, 1 … 10,000 adapters.
+rank-8 attention-only adapters, 1 … 10,000 adapters, one torch thread per process (the tiny
+model's ops are too small to gain from a second thread, and on a small shared host a 2-thread
+region stalls whenever one core is busy elsewhere: measured 2× slower decode steps on 2 cores).
 ``h100-moe``: a Qwen3-30B-A3B-like MoE at real dimensions (H=2048, 32 q / 4 kv heads of 128,
 128 experts top-8, expert I=768, vocab 151,936) with 4 layers and random bf16 weights, rank-16
 attention-only adapters, 1 … 1,000 adapters, on one CUDA device. Weights are written at run
@@ -55,6 +57,9 @@ class BenchPreset:
     baseline_duration_s: float = 10.0
     step_seqs: int = 32
     step_decode_tokens: int = 24
+    # torch intra-op threads for every CPU part (ranks, in-process engine, HF baselines), the
+    # same for all; None leaves each at its default.
+    cpu_threads: int | None = None
 
     def cluster_config(self, model_dir: str, **overrides: object) -> ClusterConfig:
         """The engine's settings for this preset (``overrides``: ClusterConfig fields)."""
@@ -64,6 +69,8 @@ class BenchPreset:
             max_lora_rank=self.adapter_rank, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_bytes=self.kv_cache_bytes)
+        if self.device == "cpu" and self.cpu_threads:
+            cfg = cfg.replace(extra_env=(("LORA_CLUSTER_CPU_THREADS", str(self.cpu_threads)),))
         return cfg.replace(**overrides) if overrides else cfg
 
     def workload(self, num_adapters: int, seed: int = 0) -> WorkloadSpec:
@@ -87,7 +94,7 @@ PRESETS: dict[str, BenchPreset] = {
         name="cpu-tiny",
         description="tiny Qwen3-MoE (H=96, 2 layers, 8 experts top-2), float32, CPU",
         model=get_spec("qwen3_moe"), model_dtype="float32", device="cpu", dtype="float32",
-        adapter_rank=8, kv_cache_bytes=64 << 20, open_rate=20.0),
+        adapter_rank=8, kv_cache_bytes=64 << 20, open_rate=20.0, cpu_threads=1),
     "h100-moe": BenchPreset(
         name="h100-moe",
         description="Qwen3-30B-A3B-like MoE (H=2048, 128 experts top-8, I=768, 4 layers), "

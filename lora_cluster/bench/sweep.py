@@ -67,6 +67,18 @@ class _Log:
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the selected parts; returns the JSON-ready result (see ``report`` for its layout)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if opts.preset.device == "cpu" and opts.preset.cpu_threads:
+        torch.set_num_threads(opts.preset.cpu_threads)  # in-process engine, step time, baselines
+    try:
+        return _run_parts(opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_parts(opts: BenchOptions) -> dict[str, Any]:
     preset, counts = opts.preset, tuple(sorted(set(opts.adapter_counts)))
     log = _Log()
     log.mark("start")
@@ -111,6 +123,7 @@ def _settings(preset: BenchPreset, assets: BenchAssets) -> dict[str, Any]:
         "adapter_rank": preset.adapter_rank, "adapter_targets": list(preset.adapter_targets),
         "max_loras": cfg.max_loras, "max_cpu_loras": cfg.max_cpu_loras,
         "max_num_seqs": cfg.max_num_seqs, "clients": preset.clients,
+        "cpu_threads": preset.cpu_threads if preset.device == "cpu" else None,
         "prompt_len": list(preset.prompt_len), "output_len": list(preset.output_len),
         "zipf_alpha": 1.0, "warmup_s": preset.warmup_s, "duration_s": preset.duration_s,
         "windows": preset.windows,

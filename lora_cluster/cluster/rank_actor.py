@@ -31,7 +31,9 @@ class RankActorImpl:
         self.parallel = ParallelInfo.from_rank(rank, config.tp_size, config.ep_size,
                                                config.expert_placement)
         if config.device == "cpu":
-            share = max(1, (os.cpu_count() or 1) // config.world_size)
+            # LORA_CLUSTER_CPU_THREADS (e.g. through extra_env) overrides the even split.
+            share = (int(os.environ.get("LORA_CLUSTER_CPU_THREADS") or 0)
+                     or max(1, (os.cpu_count() or 1) // config.world_size))
             torch.set_num_threads(share)
         self.runtime: Any = None
         self.reader: Any = None
