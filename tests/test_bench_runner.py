@@ -20,7 +20,7 @@ from lora_cluster.bench.workload import RequestStream
 
 def _tiny() -> BenchPreset:
     return get_preset("cpu-tiny").replace(
-        adapter_counts=(1, 3), warmup_s=0.3, duration_s=2.0, open_duration_s=1.5, clients=6,
+        adapter_counts=(1, 3), warmup_s=0.3, initial_warmup_s=0.3, duration_s=2.0, open_duration_s=1.5, clients=6,
         max_num_seqs=4, prompt_len=(3, 12), output_len=(2, 6), baseline_duration_s=0.3,
         step_seqs=3, step_decode_tokens=3, kv_cache_bytes=8 << 20)
 
@@ -60,6 +60,8 @@ def test_engine_figures_are_consistent(result: dict[str, Any]) -> None:
             assert 0.0 <= phase["slot_hit_rate"] <= 1.0
             assert phase["adapter_loads"] <= n and phase["slot_loads"] <= n
             assert phase["steps"] > 0 and 0 < phase["tokens_per_step"] <= preset.max_num_seqs
+            assert phase["step_ms"] * phase["steps"] == pytest.approx(
+                phase["duration_s"] * 1e3, rel=0.2)
         # the server's token counter over the same window agrees with the client's count
         assert 0.5 < closed["server_tokens_per_s"] / closed["tokens_per_s"] < 2.0
         windows = [w["tokens_per_s"] for w in closed["windows"]]

@@ -118,6 +118,8 @@ def summarize(run: PhaseRun) -> dict[str, Any]:
     }
     out["tokens_per_step"] = (deltas["server_generated_tokens"] / deltas["steps"]
                               if deltas["steps"] else None)
+    # wall time per engine step over the window (prefill, decode and adapter loads together)
+    out["step_ms"] = (s1 - s0) / deltas["steps"] * 1e3 if deltas["steps"] else None
     if run.kind == "closed":
         out["clients"] = run.clients
         out.update(_windows(run, ok))

@@ -125,7 +125,8 @@ def _settings(preset: BenchPreset, assets: BenchAssets) -> dict[str, Any]:
         "max_num_seqs": cfg.max_num_seqs, "clients": preset.clients,
         "cpu_threads": preset.cpu_threads if preset.device == "cpu" else None,
         "prompt_len": list(preset.prompt_len), "output_len": list(preset.output_len),
-        "zipf_alpha": 1.0, "warmup_s": preset.warmup_s, "duration_s": preset.duration_s,
+        "zipf_alpha": 1.0, "warmup_s": preset.warmup_s,
+        "initial_warmup_s": preset.initial_warmup_s, "duration_s": preset.duration_s,
         "windows": preset.windows,
         "open_duration_s": preset.open_duration_s,
         "baseline_duration_s": preset.baseline_duration_s, "asset_dir": str(assets.root),
@@ -159,6 +160,9 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
     with open_target(cfg, opts.backend) as target:
         starting.close()
         done = 0
+        if preset.initial_warmup_s > 0:
+            _initial_warmup(target, assets, opts, counts[0])
+            done = counts[0]
         for n in counts:
             label = f"N={n:,}"
             with ProgressBar(f"{label:>9} register", n, enabled=opts.show_progress) as bar:
@@ -189,6 +193,17 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
             by_n[str(n)] = {"adapters": n, "closed": closed, "open": opened}
         registration.update(_registration_costs(target, assets, registration, done))
     return {"by_adapters": by_n, "registration": registration, "open_loop_rate": rate}
+
+
+def _initial_warmup(target: Any, assets: BenchAssets, opts: BenchOptions, n: int) -> None:
+    """Run the first N's workload once, unmeasured, for ``initial_warmup_s``."""
+    preset = opts.preset
+    target.register_adapters([(adapter_name(i), str(assets.adapter_dirs[i])) for i in range(n)])
+    with ProgressBar("warming up (kernel compiles, caches)", preset.initial_warmup_s,
+                     enabled=opts.show_progress, unit="s") as bar:
+        run_closed_loop(target, RequestStream(preset.workload(n, opts.seed + 7)),
+                        assets.adapter_names(n), clients=preset.clients,
+                        warmup_s=preset.initial_warmup_s, duration_s=0.0, bar=bar)
 
 
 def _max_in_flight(preset: BenchPreset) -> int:
