@@ -4,8 +4,9 @@
 # On the GPU machine, in the repo root, with Ray staged (../shared/tools/stage-ray-for-gpu; the
 # second staging call does `source .gpu-wheels-b/install.sh && bash benchmarks/e2e_gpu.sh engine`):
 #
-#   bash benchmarks/e2e_gpu.sh engine      # write the model (first time), engine sweep over
-#                                          # N = 1,5,8,32,100,1000 + decode step time  (~6 min)
+#   bash benchmarks/e2e_gpu.sh engine      # write the model (first time, ~1 min), 45 s
+#                                          # warm-up, engine sweep over N = 1,5,8,32,100,1000,
+#                                          # decode step time                          (~6 min)
 #   bash benchmarks/e2e_gpu.sh peft        # HF PEFT mixed batches, N = 1…100          (~4 min)
 #   bash benchmarks/e2e_gpu.sh merged      # merged weights per adapter, N = 1…100     (~5 min)
 #   bash benchmarks/e2e_gpu.sh all         # the three in one go (needs ~15 min)

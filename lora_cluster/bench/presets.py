@@ -104,7 +104,7 @@ PRESETS: dict[str, BenchPreset] = {
                     "random bf16 weights, one CUDA device",
         model=_QWEN3_30B_A3B_LIKE, model_dtype="bfloat16", device="cuda", dtype="bfloat16",
         adapter_rank=16, adapter_counts=(1, 5, 8, 32, 100, 1000),
-        # A full batch of 128 Zipf draws holds ~50 distinct adapters at N=100 and ~80 at
+        # A full batch of 128 Zipf draws holds ~48 distinct adapters at N=100 and ~77 at
         # N=1,000: fewer slots than that throttle the batch (measured: 32 slots → 45–65 of
         # 128 sequences running at N ≥ 100).
         max_loras=128, max_cpu_loras=1024,
