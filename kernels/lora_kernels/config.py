@@ -12,6 +12,17 @@ from functools import lru_cache
 
 import torch
 
+# Thresholds of the newer launch paths. They await the H100 measurement of
+# `benchmarks/kernels.py --candidates` (results/kernels_candidates_h100.json): set them
+# from that table. PERSISTENT_MAX_ROWS: the single-launch persistent path (split-K shrink,
+# grid barrier, expand; `triton_persistent`) serves shapes up to this many rows, the
+# measured-best split/fused choices stay above it (0 disables it). PERSISTENT_PROGRAMS:
+# its grid, 0 = one program per SM. SPLIT_PDL: the split path launches its expand with
+# programmatic dependent launch (Hopper+), hiding the second launch behind the shrink.
+PERSISTENT_MAX_ROWS = 64
+PERSISTENT_PROGRAMS = 0
+SPLIT_PDL = False
+
 
 @dataclass(frozen=True)
 class FusedConfig:
@@ -37,9 +48,32 @@ class SplitConfig:
     shrink_warps: int = 4
     expand_warps: int = 4
     stages: int = 3
+    pdl: bool = False
 
 
-LinearConfig = FusedConfig | SplitConfig
+@dataclass(frozen=True)
+class PersistentConfig:
+    """One launch, ≤ one program per SM: split-K shrink, grid barrier, expand in BN blocks.
+
+    programs: grid size (0 = the device's SM count; capped by it and by the work).
+    """
+
+    bm: int
+    bk: int
+    split_k: int
+    bn: int
+    programs: int = 0
+    warps: int = 4
+    stages: int = 3
+
+    def as_split(self) -> SplitConfig:
+        """The two-launch equivalent (used where the barrier state is not available)."""
+        return SplitConfig(bm=self.bm, bk=self.bk, split_k=self.split_k, bn=self.bn,
+                           col_splits=1 << 30, shrink_warps=self.warps,
+                           expand_warps=self.warps, stages=self.stages)
+
+
+LinearConfig = FusedConfig | SplitConfig | PersistentConfig
 
 NUM_SMS_DEFAULT = 132
 
@@ -101,6 +135,21 @@ def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
     return None
 
 
+def persistent_from_split(split: SplitConfig, j: int, programs: int | None = None
+                          ) -> PersistentConfig:
+    """The persistent path with the split path's tiles (the sweeps' winners at that size).
+
+    Expand blocks are one BN block per item (the split expand's column ranges would give
+    a persistent program several blocks in a row, serialising its loads).
+    """
+    bk = split.bk
+    while (split.bm + j) * bk * 2 * split.stages > SMEM_BUDGET and bk > 32:
+        bk //= 2
+    return PersistentConfig(bm=split.bm, bk=bk, split_k=split.split_k, bn=split.bn,
+                            programs=PERSISTENT_PROGRAMS if programs is None else programs,
+                            warps=split.expand_warps, stages=split.stages)
+
+
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
                   num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
@@ -110,12 +159,17 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     fused program must read a whole A[w] (n·R·K elements) by itself while split-K spreads
     that read over many programs and the expand then streams the output with small y
     tiles; at 4k rows the fused path, which never writes y, wins for single-slice layers
-    and for rank-64 multi-slice ones. ``entries`` and ``num_sms`` are kept for tuning on
+    and for rank-64 multi-slice ones. Up to PERSISTENT_MAX_ROWS the split tiles run as
+    one persistent launch instead (see the thresholds at the top of this module). ``entries`` and ``num_sms`` are kept for tuning on
     other cards.
     """
     r_pad = rank_pad(rank)
     j = next_pow2(slices) * r_pad
     split = _choose_split(rows, n, j, slices)
+    if split is not None and rows <= PERSISTENT_MAX_ROWS:
+        return persistent_from_split(split, j)
+    if split is not None and SPLIT_PDL:
+        split = replace(split, pdl=True)
     if split is not None:
         # Large ranks: shrink the K tile until the pipelined x and A tiles fit.
         bk = split.bk

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_kernels import config as cfg
+from lora_kernels import persistent
 from lora_kernels.meta import LoRAMeta
 from lora_kernels.triton_linear import expand_kernel, fused_lora_kernel, shrink_kernel
 
@@ -65,7 +66,8 @@ def _grid_cols(n_cols: int, bn: int, col_splits: int) -> tuple[int, int]:
 def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 meta: LoRAMeta, slice_offsets: Sequence[int],
                 config: cfg.LinearConfig | None = None,
-                workspace: torch.Tensor | None = None) -> None:
+                workspace: torch.Tensor | None = None,
+                barrier: torch.Tensor | None = None) -> None:
     """``out[m, slice s] += x[m] @ A[s, w].T @ B[w, slice s].T`` for w = indices[m] >= 0.
 
     Semantics:
@@ -73,9 +75,11 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
             lo, hi = slice_offsets[s], slice_offsets[s + 1]
             out[m, lo:hi] += (x[m] @ lora_a[s, w].T) @ lora_b[w, lo:hi].T
     Args: out [M, N] (updated in place); x [M, K]; lora_a [n, W, R, K]; lora_b [W, N, R];
-        slice_offsets: n + 1 ints from 0 to N; config: a ``FusedConfig`` or ``SplitConfig``
-        (default: ``config.choose_linear``); workspace: float32 with at least
-        split_k·n·M·R elements for the split path (allocated when absent).
+        slice_offsets: n + 1 ints from 0 to N; config: a ``FusedConfig``, ``SplitConfig``
+        or ``PersistentConfig`` (default: ``config.choose_linear``); workspace: float32 with
+        at least split_k·n·M·R elements for the split and persistent paths (allocated when
+        absent); barrier: int32 [≥ 3], zero before first use, for the persistent path's grid
+        barrier (default: this stream's slot of ``persistent.barrier_for``).
     """
     _check_linear(out, x, lora_a, lora_b, meta, slice_offsets)
     n, w_count, rank, k = lora_a.shape
@@ -84,14 +88,29 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         return
     if config is None:
         config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
+    if isinstance(config, cfg.PersistentConfig):
+        bar = barrier if barrier is not None else persistent.barrier_for(x.device)
+        if bar is None:
+            config = config.as_split()  # capturing before the barrier slab exists
+        else:
+            if bar.dtype != torch.int32 or bar.numel() < 3:
+                raise ValueError(f"barrier must be int32 with >= 3 elements, got {bar.dtype} "
+                                 f"with {bar.numel()}")
+            _, k_progs = _k_chunks(k, config.split_k, config.bk)
+            y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
+            persistent.launch_persistent(out, x, lora_a, lora_b, meta, slice_offsets,
+                                         _inner_offsets(slice_offsets, n_cols),
+                                         _aligned(slice_offsets, config.bn), config, y, bar)
+            return
     if isinstance(config, cfg.SplitConfig):
         # The partial count is the number of K programs, which may be below split_k.
         _, k_progs = _k_chunks(k, config.split_k, config.bk)
         y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
+        pdl = config.pdl and _pdl_capable(x.device)
         _launch_shrink(x, lora_a, meta, y, config.bm, config.bk, config.split_k,
-                       config.shrink_warps, config.stages, zero_unassigned=False)
+                       config.shrink_warps, config.stages, zero_unassigned=False, pdl=pdl)
         _launch_expand(out, y, lora_b, meta, slice_offsets, config.bm, config.bn,
-                       config.col_splits, config.expand_warps)
+                       config.col_splits, config.expand_warps, pdl=pdl)
         return
     o1, o2, o3 = _inner_offsets(slice_offsets, n_cols)
     per, col_progs = _grid_cols(n_cols, config.bn, config.col_splits)
@@ -105,6 +124,11 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
         ALIGNED=_aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages,
     )
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a Hopper-or-newer GPU (never the interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _k_chunks(k: int, split_k: int, bk: int) -> tuple[int, int]:
@@ -168,7 +192,7 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, meta: 
 def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: torch.Tensor,
                    bm: int, bk: int, split_k: int, warps: int, stages: int,
                    zero_unassigned: bool, row_div: int = 1, x_by_pos: bool = False,
-                   y_by_pos: bool = False) -> None:
+                   y_by_pos: bool = False, pdl: bool = False) -> None:
     n, w_count, rank, k = lora_a.shape
     m = y.shape[2]
     per, k_progs = _k_chunks(k, split_k, bk)
@@ -182,14 +206,14 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: tor
         x.stride(0), x.stride(1), *lora_a.stride(), y.stride(0), y.stride(1), y.stride(2),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(entries),
         BM=bm, BK=bk, EVEN_K=k % per == 0, ZERO_UNASSIGNED=zero_unassigned,
-        X_BY_POS=x_by_pos, Y_BY_POS=y_by_pos, DOT_PREC=cfg.dot_precision(x.dtype),
+        X_BY_POS=x_by_pos, Y_BY_POS=y_by_pos, DOT_PREC=cfg.dot_precision(x.dtype), PDL=pdl,
         num_warps=warps, num_stages=stages,
     )
 
 
 def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMeta,
                    slice_offsets: Sequence[int], bm: int, bn: int, col_splits: int,
-                   warps: int) -> None:
+                   warps: int, pdl: bool = False) -> None:
     split_k, n, m, rank = y.shape
     n_cols = out.shape[1]
     o1, o2, o3 = _inner_offsets(slice_offsets, n_cols)
@@ -202,5 +226,6 @@ def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, met
         y.stride(0), y.stride(1), y.stride(2), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(lora_b.shape[0]),
         BM=bm, BN=bn, ALIGNED=_aligned(slice_offsets, bn),
-        DOT_PREC=cfg.dot_precision(out.dtype), num_warps=warps,
+        DOT_PREC=cfg.dot_precision(out.dtype), PDL=pdl, num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}),
     )

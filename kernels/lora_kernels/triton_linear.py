@@ -84,6 +84,7 @@ def shrink_kernel(
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, ZERO_UNASSIGNED: tl.constexpr,
     X_BY_POS: tl.constexpr, Y_BY_POS: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: a row tile × a K chunk; writes its partial y[ks, s, row, r] (float32).
 
@@ -91,8 +92,11 @@ def shrink_kernel(
     the -1 rows get zeros, so y holds the full ``lora_shrink`` semantics. x's row of sorted
     row r is ``r // row_div`` (tokens of token×top-k rows), or the sorted position itself
     with X_BY_POS; y is indexed by row, or by sorted position with Y_BY_POS (the MoE path
-    keeps its intermediates in sorted order).
+    keeps its intermediates in sorted order). PDL: let the expand launch now (it waits
+    for this grid's completion itself before reading y).
     """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     w, pos0, rows_left, live = find_tile(
         tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, ZERO_UNASSIGNED)
     if live:
@@ -135,13 +139,18 @@ def expand_kernel(
     syk, sys, sym, sbw, sbn, sbr, som, son,
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: a row tile × a column range; sums the shrink's K partials first.
 
-    ALIGNED: each column block reads only its own slice's partials (R_PAD wide).
+    ALIGNED: each column block reads only its own slice's partials (R_PAD wide). PDL: this
+    grid was launched programmatically while the shrink still runs; the metadata (done
+    before the shrink started) is read first, then it waits for the shrink's partials.
     """
     w, pos0, rows_left, live = find_tile(
         tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, False)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     if live:
         col_lo = tl.program_id(1) * cols_per_prog
         col_hi = tl.minimum(col_lo + cols_per_prog, N)
