@@ -23,6 +23,9 @@ FORCED = {
     "auto": None,
     "fused": cfg.FusedConfig(bm=16, bk=128, bn=64, col_splits=8),
     "split": cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16),
+    "split_pdl": cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16, pdl=True),
+    "persistent": cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64),
+    "persistent64": cfg.PersistentConfig(bm=16, bk=256, split_k=16, bn=128, programs=64),
 }
 
 
@@ -46,6 +49,9 @@ LINEAR_CASES = (
     + [("auto", t, 16, s, d) for t in (1, 64, 1024) for s in SHAPES
        for d in (torch.float16, torch.float32)]
     + [(p, 64, r, s, torch.bfloat16) for p in ("fused", "split") for r in (16, 64) for s in SHAPES]
+    + [(p, t, r, s, torch.bfloat16) for p in ("persistent", "persistent64", "split_pdl")
+       for t in (1, 64, 300) for r in (16, 64) for s in SHAPES]
+    + [("persistent", 64, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
 )
 
 
@@ -190,3 +196,80 @@ def test_meta_builds_agree(rows: int) -> None:
     got, want = build_lora_meta(idx, 32), build_lora_meta_torch(idx, 32)
     for field in ("sorted_rows", "seg_counts", "seg_starts", "active_entries", "num_active"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_persistent_graph_replays_back_to_back(tokens: int, shape: str) -> None:
+    """One graph holds several persistent launches of different grid sizes on one barrier
+    slot (like layers of a step); it is replayed many times in a row, with new row →
+    adapter assignments between bursts. Every replay must equal the eager result bit for
+    bit: a barrier that did not reset would hang, time out (flag) or race."""
+    from lora_kernels import linear, persistent
+
+    gen = torch.Generator().manual_seed(100 + tokens)
+    offs = SHAPES[shape]
+    idx, x, a, b, out0 = _linear_case(gen, tokens, 16, offs, torch.bfloat16, "uniform")
+    static_idx = idx.clone()
+    outs = [out0.clone() for _ in range(3)]
+    configs = [cfg.choose_linear(tokens, offs[-1], 4096, 16, len(offs) - 1, 32),
+               cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64, programs=48),
+               cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64, programs=7)]
+    persistent.prepare_barriers(DEV)
+
+    def step() -> None:
+        meta = build_lora_meta(static_idx, 32)
+        for out, config in zip(outs, configs, strict=True):
+            out.copy_(out0)
+            linear.lora_linear(out, x, a, b, meta, offs, config=config)
+
+    graph = _capture(step)
+    layouts = ["uniform", "identical", "skewed", "distinct", "zipf"] * 4
+    for i, popularity in enumerate(layouts):
+        new = testing.entry_indices(tokens, 32, popularity, gen, none_frac=0.05 * (i % 5),
+                                    used=1 + i % 32)
+        static_idx.copy_(new.to(DEV))
+        for _ in range(10):
+            graph.replay()
+        meta = build_lora_meta(static_idx, 32)
+        eager = [out0.clone() for _ in configs]
+        for e, config in zip(eager, configs, strict=True):
+            linear.lora_linear(e, x, a, b, meta, offs, config=config)
+        torch.cuda.synchronize()
+        ref = out0.float().clone()
+        reference.lora_linear(ref, x.float(), a.float(), b.float(), static_idx, offs)
+        for out, e in zip(outs, eager, strict=True):
+            assert torch.equal(out, e), popularity
+            assert torch.equal(out[static_idx < 0], out0[static_idx < 0]), popularity
+            if bool((static_idx >= 0).any()):
+                assert _rel(out.float() - out0.float(), ref - out0.float()) < 1e-2, popularity
+        assert torch.equal(outs[1], outs[2]), popularity  # same split-K sums, other grids
+    assert not persistent.barrier_timed_out(DEV)
+
+
+def test_persistent_capture_before_barrier_slab_falls_back_to_split() -> None:
+    """A persistent call first seen inside a capture (no zeroed slab yet) runs the split path."""
+    from lora_kernels import linear, persistent
+
+    gen = torch.Generator().manual_seed(3)
+    offs = SHAPES["dense"]
+    idx, x, a, b, out0 = _linear_case(gen, 16, 16, offs, torch.bfloat16, "uniform")
+    out = out0.clone()
+    meta = build_lora_meta(idx, 32)
+    config = cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64)
+    saved = dict(persistent._slabs)
+    persistent._slabs.clear()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        linear.lora_linear(out.clone(), x, a, b, meta, offs, config=config.as_split())  # warm
+        with torch.cuda.graph(graph):
+            linear.lora_linear(out, x, a, b, meta, offs, config=config)
+        assert not persistent._slabs
+        out.copy_(out0)
+        graph.replay()
+        eager = out0.clone()
+        linear.lora_linear(eager, x, a, b, meta, offs, config=config.as_split())
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    finally:
+        persistent._slabs.update(saved)

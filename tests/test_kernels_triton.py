@@ -33,10 +33,13 @@ SLICES = {1: (0, 40), 2: (0, 24, 56), 3: (0, 32, 48, 56)}
 VARIANTS = {
     "fused": (8, cfg.FusedConfig(bm=16, bk=32, bn=16, col_splits=2)),
     "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=4, bn=16, col_splits=2)),
+    # One program under the interpreter (the barrier is met at once); K = 72 in chunks of
+    # 32 gives three partials, the last one ragged.
+    "persistent": (16, cfg.PersistentConfig(bm=16, bk=32, split_k=3, bn=16)),
     "auto": (16, None),
 }
-_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe", "triton_meta", "linear",
-                   "embedding", "moe")
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_persistent", "triton_moe",
+                   "triton_meta", "linear", "embedding", "moe")
 
 
 def _interpreted() -> None:
@@ -224,3 +227,68 @@ def test_one_launch_meta_matches_torch(rows: int, entries: int) -> None:
     got = build_lora_meta_triton(idx, entries)
     for field in ("sorted_rows", "seg_counts", "seg_starts", "active_entries", "num_active"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_persistent_rank64_and_barrier_state(dtype: torch.dtype) -> None:
+    """Rank 64 (J = 256 rank rows) over unaligned slices; the barrier slot ends each launch
+    reset (arrived 0, generation +1, no time-out), so launches can follow back to back."""
+    from lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(11)
+    offs = SLICES[2]
+    m, k, w, rank = 20, 64, 3, 64
+    idx = testing.entry_indices(m, w, "skewed", gen, none_frac=0.25).to(DEVICE)
+    x = _rand(gen, m, k, dtype=dtype)
+    a = _rand(gen, 2, w, rank, k, scale=0.1, dtype=dtype)
+    b = _rand(gen, w, offs[-1], rank, scale=0.2, dtype=dtype)
+    out0 = _rand(gen, m, offs[-1], dtype=dtype)
+    meta = build_lora_meta(idx, w)
+    barrier = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    config = cfg.PersistentConfig(bm=16, bk=32, split_k=2, bn=32)
+    delta = testing.oracle_linear(x.cpu(), a.cpu(), b.cpu(), idx.cpu(), offs)
+    for launch in range(1, 3):
+        out = out0.clone()
+        linear.lora_linear(out, x, a, b, meta, offs, config=config, barrier=barrier)
+        assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+        assert torch.equal(out[idx < 0], out0[idx < 0])
+        assert barrier.tolist() == [0, launch, 0]
+
+
+def test_persistent_all_rows_unassigned_and_bad_barrier() -> None:
+    from lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(5)
+    offs = SLICES[1]
+    x, a = _rand(gen, 9, 32), _rand(gen, 1, 4, 16, 32)
+    b, out0 = _rand(gen, 4, 40, 16), _rand(gen, 9, 40)
+    meta = build_lora_meta(torch.full((9,), -1, dtype=torch.int32, device=DEVICE), 4)
+    config = cfg.PersistentConfig(bm=16, bk=32, split_k=2, bn=16)
+    out = out0.clone()
+    linear.lora_linear(out, x, a, b, meta, offs, config=config)
+    assert torch.equal(out, out0)
+    with pytest.raises(ValueError, match="barrier must be int32"):
+        linear.lora_linear(out, x, a, b, meta, offs, config=config,
+                           barrier=torch.zeros(3, device=DEVICE))
+
+
+def test_choose_linear_persistent_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to PERSISTENT_MAX_ROWS the split tiles run as one persistent launch; above it,
+    and with the threshold at 0, the measured split/fused choices are unchanged."""
+    cfg.choose_linear.cache_clear()
+    try:
+        small = cfg.choose_linear(64, 4096, 4096, 16, 1, 32)
+        assert isinstance(small, cfg.PersistentConfig)
+        assert (small.bm, small.bk, small.split_k, small.bn) == (16, 128, 8, 128)
+        big = cfg.choose_linear(1024, 4096, 4096, 16, 1, 32)
+        assert isinstance(big, cfg.SplitConfig) and not big.pdl
+        monkeypatch.setattr(cfg, "PERSISTENT_MAX_ROWS", 0)
+        cfg.choose_linear.cache_clear()
+        legacy = cfg.choose_linear(64, 4096, 4096, 16, 1, 32)
+        assert isinstance(legacy, cfg.SplitConfig)
+        assert legacy == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32)
+        monkeypatch.setattr(cfg, "SPLIT_PDL", True)
+        cfg.choose_linear.cache_clear()
+        assert cfg.choose_linear(64, 4096, 4096, 16, 1, 32).pdl
+    finally:
+        cfg.choose_linear.cache_clear()

@@ -48,6 +48,8 @@ def prepare_barriers(device: torch.device | str) -> torch.Tensor:
         slab = _slabs.get(key)
         if slab is None:
             slab = torch.zeros(SLOTS * SLOT_INTS, dtype=torch.int32, device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # zeroed before a launch on any other stream
             _slabs[key] = slab
     return slab
 
