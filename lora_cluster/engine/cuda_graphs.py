@@ -32,7 +32,8 @@ def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
 
 
 class DecodeGraphs:
-    """Captured decode forwards and the static buffers they read."""
+    """Captured decode forwards and the static buffers they read (the runner's decode
+    executor on CUDA: whole decode steps, and the decode rows of split mixed steps)."""
 
     def __init__(self, model: Any, kv_cache: Any, *, device: torch.device, max_num_seqs: int,
                  max_blocks_per_seq: int, max_context_len: int) -> None:

@@ -4,12 +4,19 @@ A ``StepPlan`` becomes a ``ForwardBatch`` on the rank's device, the model runs, 
 output rank the sampler picks tokens and scoring logits are collected. Every rank runs the
 forward (the collectives need all of them); only the output rank samples.
 
+Decode rows go through a *decode executor* (CUDA graphs on GPU): a pure decode step entirely,
+and a mixed step split in two — its single-token rows through the executor, its multi-row
+sequences (prefills, prefill chunks, scoring) through a second, eager forward on the same KV
+cache. The two sets are disjoint sequences, so their KV writes never meet. The split is
+decided from the plan alone, so every rank runs the same sequence of forwards.
+
 The runner mirrors each live sequence's KV block table from the plans' deltas, and on the
 output rank holds the logits of scoring prefills that span several steps.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -21,6 +28,13 @@ from lora_cluster.engine.messages import SeqStep, StepPlan, StepResult
 from lora_cluster.engine.sampler import SamplingBatch, sample
 from lora_cluster.model.batch import ForwardBatch
 
+# Fewer decode rows than this in a mixed step: one eager forward for all (a graph replay
+# beside the eager forward would cost more than the few rows it takes out of it).
+SPLIT_MIN_DECODES = 8
+
+# Where a sequence's logits rows are: (part, first row, end row) in the step's logits parts.
+Span = tuple[int, int, int]
+
 
 class ForwardModel(Protocol):
     """What the runner needs from the decoder."""
@@ -30,30 +44,140 @@ class ForwardModel(Protocol):
         ...
 
 
+class DecodeExecutor(Protocol):
+    """Runs single-token rows of up to ``max_num_seqs`` sequences in one forward."""
+
+    max_num_seqs: int
+    replays: int
+
+    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
+            block_size: int) -> torch.Tensor:
+        """Logits [len(seqs), V], row i for ``seqs[i]``; valid until the next ``run``."""
+        ...
+
+
+def build_batch(seqs: Sequence[SeqStep], tables: Sequence[list[int]], *, block_size: int,
+                device: torch.device, every_row: bool = False
+                ) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+    """The batch tensors of ``seqs``, and each sequence's [first, end) rows in the output.
+
+    Logits rows: every row of a scoring sequence, the last row of a sampling one, none
+    otherwise — or every row of every sequence with ``every_row`` (the decode executors'
+    contract: one logits row per sequence).
+    """
+    bs = block_size
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    kv_map: list[int] = []
+    qsl = [0]
+    ctx: list[int] = []
+    rows: list[int] = []
+    spans: list[tuple[int, int]] = []
+    width = max(len(t) for t in tables)
+    flat_tables: list[int] = []
+    for s, table in zip(seqs, tables):
+        n = len(s.token_ids)
+        first = qsl[-1]
+        input_ids.extend(s.token_ids)
+        pos = range(s.start_pos, s.start_pos + n)
+        positions.extend(pos)
+        slots.extend([s.slot] * n)
+        kv_map.extend(table[p // bs] * bs + p % bs for p in pos)
+        qsl.append(first + n)
+        ctx.append(s.context_len)
+        begin = len(rows)
+        if every_row or s.logits != "none":
+            rows.extend(range(first, first + n))
+        elif s.sample is not None:
+            rows.append(first + n - 1)
+        spans.append((begin, len(rows)))
+        flat_tables.extend(table)
+        flat_tables.extend([0] * (width - len(table)))
+
+    def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    batch = ForwardBatch(
+        input_ids=t(input_ids, torch.int64),
+        positions=t(positions, torch.int64),
+        token_slots=t(slots, torch.int32),
+        query_start_loc=t(qsl, torch.int32),
+        context_lens=t(ctx, torch.int32),
+        block_tables=t(flat_tables, torch.int32).view(len(seqs), width),
+        kv_slot_mapping=t(kv_map, torch.int64),
+        logits_rows=t(rows, torch.int64),
+        is_decode=all(len(s.token_ids) == 1 for s in seqs),
+        max_context_len=max(ctx),
+    )
+    return batch, spans
+
+
+class EagerDecode:
+    """The decode executor without CUDA graphs: one eager ``is_decode`` forward.
+
+    What ``DecodeGraphs`` does on GPU, on any device: it makes the step split testable on CPU.
+    """
+
+    def __init__(self, model: ForwardModel, kv_cache: Any, *, device: torch.device,
+                 max_num_seqs: int) -> None:
+        self.model, self.kv_cache, self.device = model, kv_cache, device
+        self.max_num_seqs = max_num_seqs
+        self.replays = 0
+
+    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
+            block_size: int) -> torch.Tensor:
+        """Logits [len(seqs), V] of one decode forward."""
+        batch, _ = build_batch(seqs, tables, block_size=block_size, device=self.device,
+                               every_row=True)
+        self.replays += 1
+        return self.model.forward(batch, self.kv_cache)
+
+
 class StepRunner:
-    """Turns plans into forwards on one rank."""
+    """Turns plans into forwards on one rank.
+
+    ``decode`` is the decode executor (CUDA graphs when ``use_cuda_graphs`` on a CUDA device,
+    else none: every step one eager forward); ``split_mixed`` sends a mixed step's decode rows
+    through it when it has at least ``split_min_decodes`` of them.
+    """
 
     def __init__(self, model: ForwardModel, kv_cache: Any, *, device: torch.device,
                  block_size: int, context_limit: int, max_num_seqs: int,
-                 is_output_rank: bool, use_cuda_graphs: bool) -> None:
+                 is_output_rank: bool, use_cuda_graphs: bool, split_mixed: bool = True,
+                 split_min_decodes: int = SPLIT_MIN_DECODES) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-context_limit // block_size)
+        self.max_num_seqs = max_num_seqs
         self.is_output_rank = is_output_rank
+        self.split_mixed = split_mixed
+        self.split_min_decodes = max(1, split_min_decodes)
         self._tables: dict[int, list[int]] = {}
         self._held_logits: dict[int, list[torch.Tensor]] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
         self.graphs: DecodeGraphs | None = None
+        self.decode: DecodeExecutor | None = None
         if use_cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_cache, device=device, max_num_seqs=max_num_seqs,
                                        max_blocks_per_seq=self.max_blocks_per_seq,
                                        max_context_len=context_limit)
+            self.decode = self.graphs
 
     def capture(self) -> None:
         """Record the decode graphs (all ranks at once: the forward may hold collectives)."""
         if self.graphs is not None:
             self.graphs.capture()
+
+    def use_eager_decode(self) -> EagerDecode:
+        """Route decode rows through eager decode forwards (splits mixed steps without graphs:
+        the CPU stand-in for ``DecodeGraphs``). Every rank of a group must make this call."""
+        executor = EagerDecode(self.model, self.kv_cache, device=self.device,
+                               max_num_seqs=self.max_num_seqs)
+        self.decode = executor
+        return executor
 
     @property
     def num_live_seqs(self) -> int:
@@ -64,7 +188,28 @@ class StepRunner:
         self._tables.clear()
         self._held_logits.clear()
 
+    def stats(self) -> dict[str, int]:
+        """Step counters: decode-executor steps, split steps and their decode rows, eager
+        forwards and those that held prefill rows."""
+        keys = ("decode_steps", "split_steps", "split_decode_rows", "eager_forwards",
+                "prefill_forwards")
+        return {k: int(self.counters[k]) for k in keys}
+
     # ---------------------------------------------------------------- one step
+    def split_of(self, plan: StepPlan) -> tuple[list[int], list[int]] | None:
+        """(decode rows, eager rows) as plan indices when the step splits, else None.
+
+        A function of the plan and of settings every rank shares (never of rank-local state):
+        the ranks must run the same forwards in the same order.
+        """
+        if self.decode is None or not self.split_mixed:
+            return None
+        single = [i for i, s in enumerate(plan.seqs) if len(s.token_ids) == 1]
+        if len(single) < self.split_min_decodes or len(single) > self.decode.max_num_seqs:
+            return None
+        multi = [i for i, s in enumerate(plan.seqs) if len(s.token_ids) > 1]
+        return single, multi
+
     @torch.inference_mode()
     def run(self, plan: StepPlan, seq: int) -> StepResult | None:
         """Execute a plan; the output rank returns tokens and emitted logits, others None."""
@@ -81,80 +226,74 @@ class StepRunner:
             self._tables[s.seq_id] = table
         if not plan.seqs:
             return StepResult(seq=seq) if self.is_output_rank else None
-        if self.graphs is not None and plan.is_decode and len(plan.seqs) <= self.graphs.max_num_seqs:
-            logits = self.graphs.run(plan.seqs, [self._tables[s.seq_id] for s in plan.seqs],
-                                     self.block_size)
-            offsets = list(range(len(plan.seqs) + 1))
+        seqs = plan.seqs
+        parts: list[torch.Tensor] = []
+        spans: list[Span] = [(0, 0, 0)] * len(seqs)
+        if (self.decode is not None and plan.is_decode
+                and len(seqs) <= self.decode.max_num_seqs):
+            parts.append(self._run_decode(seqs, range(len(seqs)), spans, part=0))
+            self.counters["decode_steps"] += 1
+        elif (split := self.split_of(plan)) is not None:
+            single, multi = split
+            # Decode first: its logits (a graph's output view) stay valid through the eager
+            # forward, which never replays a graph; they are consumed below, before any replay.
+            parts.append(self._run_decode(seqs, single, spans, part=0))
+            parts.append(self._run_eager(seqs, multi, spans, part=1))
+            self.counters["split_steps"] += 1
+            self.counters["split_decode_rows"] += len(single)
         else:
-            batch, offsets = self._eager_batch(plan.seqs)
-            logits = self.model.forward(batch, self.kv_cache)
+            parts.append(self._run_eager(seqs, range(len(seqs)), spans, part=0))
         if not self.is_output_rank:
             return None
-        return self._postprocess(plan.seqs, logits, offsets, seq, start)
+        return self._postprocess(seqs, parts, spans, seq, start)
 
-    def _eager_batch(self, seqs: Sequence[SeqStep]) -> tuple[ForwardBatch, list[int]]:
-        """The batch tensors, and for each sequence where its logits start in the output."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        kv_map: list[int] = []
-        qsl = [0]
-        ctx: list[int] = []
-        rows: list[int] = []
-        offsets = [0]
-        tables = [self._tables[s.seq_id] for s in seqs]
-        width = max(len(t) for t in tables)
-        flat_tables: list[int] = []
-        for s, table in zip(seqs, tables):
-            n = len(s.token_ids)
-            first = qsl[-1]
-            input_ids.extend(s.token_ids)
-            pos = range(s.start_pos, s.start_pos + n)
-            positions.extend(pos)
-            slots.extend([s.slot] * n)
-            kv_map.extend(table[p // bs] * bs + p % bs for p in pos)
-            qsl.append(first + n)
-            ctx.append(s.context_len)
-            if s.logits != "none":
-                rows.extend(range(first, first + n))
-            elif s.sample is not None:
-                rows.append(first + n - 1)
-            offsets.append(len(rows))
-            flat_tables.extend(table)
-            flat_tables.extend([0] * (width - len(table)))
+    def _run_decode(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
+                    part: int) -> torch.Tensor:
+        assert self.decode is not None
+        chosen = [seqs[i] for i in index]
+        logits = self.decode.run(chosen, [self._tables[s.seq_id] for s in chosen],
+                                 self.block_size)
+        for row, i in enumerate(index):
+            spans[i] = (part, row, row + 1)
+        return logits
 
-        def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _run_eager(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
+                   part: int) -> torch.Tensor:
+        chosen = [seqs[i] for i in index]
+        batch, local = build_batch(chosen, [self._tables[s.seq_id] for s in chosen],
+                                   block_size=self.block_size, device=self.device)
+        self.counters["eager_forwards"] += 1
+        if not batch.is_decode:
+            self.counters["prefill_forwards"] += 1
+        for (begin, end), i in zip(local, index):
+            spans[i] = (part, begin, end)
+        return self.model.forward(batch, self.kv_cache)
 
-        batch = ForwardBatch(
-            input_ids=t(input_ids, torch.int64),
-            positions=t(positions, torch.int64),
-            token_slots=t(slots, torch.int32),
-            query_start_loc=t(qsl, torch.int32),
-            context_lens=t(ctx, torch.int32),
-            block_tables=t(flat_tables, torch.int32).view(len(seqs), width),
-            kv_slot_mapping=t(kv_map, torch.int64),
-            logits_rows=t(rows, torch.int64),
-            is_decode=all(len(s.token_ids) == 1 for s in seqs),
-            max_context_len=max(ctx),
-        )
-        return batch, offsets
-
-    def _postprocess(self, seqs: Sequence[SeqStep], logits: torch.Tensor, offsets: list[int],
-                     seq: int, start: float) -> StepResult:
-        sampled = [(i, s) for i, s in enumerate(seqs) if s.sample is not None]
+    def _postprocess(self, seqs: Sequence[SeqStep], parts: list[torch.Tensor],
+                     spans: list[Span], seq: int, start: float) -> StepResult:
+        sampled = [i for i, s in enumerate(seqs) if s.sample is not None]
         tokens: tuple[tuple[int, int], ...] = ()
         if sampled:
-            last_rows = torch.tensor([offsets[i + 1] - 1 for i, _ in sampled], device=logits.device)
-            batch = SamplingBatch.from_specs([s.sample for _, s in sampled], logits.device)  # type: ignore[misc]
-            picked = sample(logits.index_select(0, last_rows).float(), batch).tolist()
-            tokens = tuple((s.seq_id, int(tok)) for (_, s), tok in zip(sampled, picked))
+            # One sampler call over every part's last rows, then back to plan order.
+            picked_rows: list[torch.Tensor] = []
+            order: list[int] = []
+            for p, part_logits in enumerate(parts):
+                mine = [i for i in sampled if spans[i][0] == p]
+                if mine:
+                    rows = torch.tensor([spans[i][2] - 1 for i in mine], device=part_logits.device)
+                    picked_rows.append(part_logits.index_select(0, rows))
+                    order.extend(mine)
+            logits = picked_rows[0] if len(picked_rows) == 1 else torch.cat(picked_rows)
+            batch = SamplingBatch.from_specs([seqs[i].sample for i in order],  # type: ignore[misc]
+                                             logits.device)
+            by_index = dict(zip(order, sample(logits.float(), batch).tolist()))
+            tokens = tuple((seqs[i].seq_id, int(by_index[i])) for i in sampled)
         emitted: list[tuple[int, Any]] = []
         for i, s in enumerate(seqs):
             if s.logits == "none":
                 continue
-            part = logits[offsets[i]:offsets[i + 1]].to("cpu", torch.float32, copy=True)
+            p, begin, end = spans[i]
+            part = parts[p][begin:end].to("cpu", torch.float32, copy=True)
             held = self._held_logits.setdefault(s.seq_id, [])
             held.append(part)
             if s.logits == "emit":

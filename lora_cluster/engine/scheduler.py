@@ -14,16 +14,23 @@ Fairness and liveness rules:
   frees. Never an error, never a deadlock.
 - A single sequence always fits the cache alone (``context_limit`` <= cache capacity), so
   preemption always ends with progress.
+
+Prefill batching (``PrefillBatching``, off by default): while a step would be a pure decode
+of enough sequences, new prompts may wait a bounded number of steps / milliseconds so that
+several of them share one prefill forward (on GPU a decode step replays a CUDA graph; an
+eager prefill forward costs about the same whether it holds one prompt or ten).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lora_cluster.config import PrefillBatching
 from lora_cluster.engine.block_manager import BlockManager, blocks_for
 from lora_cluster.engine.messages import AdapterKey, SeqStep, StepPlan
 from lora_cluster.engine.sequence import SeqStatus, Sequence
@@ -66,6 +73,7 @@ class SchedulerConfig:
     context_limit: int  # max prompt + output tokens of one sequence; fits the cache alone
     eos_token_ids: tuple[int, ...] = ()
     watermark_blocks: int = 0  # kept free at admission while others run (avoids instant preemption)
+    prefill_batching: PrefillBatching = field(default_factory=PrefillBatching)  # default: admit at once
 
     def __post_init__(self) -> None:
         if self.context_limit > self.num_blocks * self.block_size:
@@ -101,6 +109,12 @@ class Scheduler:
         self._released: list[int] = []
         self._finished_events: list[SeqEvent] = []
         self.num_preemptions = 0
+        # Prefill batching: when the current hold began (None: not holding), steps held since.
+        self._hold_since: float | None = None
+        self._held = 0
+        self.num_held_steps = 0  # steps that left admissible prompts waiting (batching)
+        self.num_admissions = 0  # steps that admitted at least one prompt
+        self.num_admitted = 0  # prompts admitted (recomputes after preemption included)
 
     # ---------------------------------------------------------------- admission control
     def check(self, prompt_len: int, *, score: bool) -> None:
@@ -152,8 +166,13 @@ class Scheduler:
             self.blocks.grow(seq.seq_id, seq.num_computed + n)
             entries.append((seq, n))
             budget -= n
-        if not preempted:
+        if not preempted and self._admission_open(entries, budget):
+            before = len(entries)
             budget = self._admit(entries, budget)
+            if len(entries) > before:
+                self._hold_since, self._held = None, 0
+                self.num_admissions += 1
+                self.num_admitted += len(entries) - before
         if not entries:
             # Releases ride on the next real step; the ranks' leftover state is tiny meanwhile.
             return None
@@ -184,6 +203,32 @@ class Scheduler:
             if victim is seq:
                 return False, True
         return True, evicted
+
+    def _admission_open(self, entries: list[tuple[Sequence, int]], budget: int) -> bool:
+        """Whether waiting prompts may join this step (``PrefillBatching``); counts holds."""
+        policy = self.cfg.prefill_batching
+        seats = self.cfg.max_num_seqs - len(self.running)
+        if not self.waiting or seats <= 0:
+            self._hold_since = None  # a hold starts when a prompt could come in, not before
+        if policy.hold_steps == 0 or not self.waiting or seats <= 0 or budget <= 0:
+            return True  # nothing held back: either no policy or nothing could come in
+        decodes = sum(1 for _, n in entries if n == 1)
+        if decodes < len(entries) or decodes < policy.min_prompts:
+            return True  # a prefill runs anyway, or too few decodes to be worth protecting
+        ready = min(seats, len(self.waiting))
+        if ready >= policy.min_prompts:
+            return True
+        if sum(s.num_uncomputed for s in itertools.islice(self.waiting, ready)) >= budget:
+            return True  # they fill the step's token budget: waiting longer adds nothing
+        now = time.monotonic()
+        if self._hold_since is None:
+            self._hold_since, self._held = now, 0
+        if self._held >= policy.hold_steps or (
+                policy.hold_ms is not None and (now - self._hold_since) * 1e3 >= policy.hold_ms):
+            return True
+        self._held += 1
+        self.num_held_steps += 1
+        return False
 
     def _admit(self, entries: list[tuple[Sequence, int]], budget: int) -> int:
         slot_blocked = False
@@ -341,6 +386,9 @@ class Scheduler:
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_free": self.blocks.num_free,
             "num_preemptions": self.num_preemptions,
+            "prefill_held_steps": self.num_held_steps,
+            "prefill_admissions": self.num_admissions,
+            "prefill_admitted": self.num_admitted,
         }
 
 
