@@ -6,12 +6,12 @@ from collections import Counter, OrderedDict
 
 import pytest
 
-from lora_cluster.config import SamplingParams
+from lora_cluster.config import ClusterConfig, PrefillBatching, SamplingParams
 from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterKey, StepPlan
 from lora_cluster.engine.scheduler import Scheduler, SchedulerConfig
 from lora_cluster.engine.sequence import SeqStatus, Sequence
-from lora_cluster.errors import AdapterNotFoundError, RequestError
+from lora_cluster.errors import AdapterNotFoundError, ConfigError, RequestError
 
 VOCAB = 100
 
@@ -87,11 +87,12 @@ class FakeRanks:
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=64, limit=None, slots=2,
-         eos=(), watermark=0, failing=()):
+         eos=(), watermark=0, failing=(), batching=None):
     cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=budget,
                           context_limit=limit or num_blocks * block_size,
-                          eos_token_ids=eos, watermark_blocks=watermark)
+                          eos_token_ids=eos, watermark_blocks=watermark,
+                          prefill_batching=batching or PrefillBatching())
     fake_slots = FakeSlots(slots, failing)
     return Scheduler(cfg, fake_slots), fake_slots, FakeRanks(block_size)
 
@@ -409,3 +410,146 @@ def test_random_workloads_keep_invariants(seed):
             assert s.output_ids == expected_tokens(s.prompt_ids, min(s.sampling.max_tokens, room))
     assert sched.blocks.num_free == sched.blocks.num_blocks
     assert +slots.pins == Counter() and +slots.bound == Counter()
+
+
+# ---------------------------------------------------------------- prefill batching
+HOLD = PrefillBatching(hold_steps=3, min_prompts=3)
+
+
+def _decoding(sched, ranks, count, max_tokens=50):
+    """``count`` sequences admitted together and past their prefill."""
+    running = [seq([10 + i, 11 + i], max_tokens=max_tokens) for i in range(count)]
+    for s in running:
+        sched.add(s)
+    step = sched.schedule()
+    assert len(step.entries) == count
+    sched.apply(step, ranks.run(step.plan))
+    return running
+
+
+def _step(sched, ranks):
+    step = sched.schedule()
+    sched.apply(step, ranks.run(step.plan))
+    return step
+
+
+def _admitted(step):
+    return [s.seq_id for s, n in step.entries if n > 1]
+
+
+def test_prefill_batching_holds_a_lone_prompt_a_bounded_number_of_steps():
+    sched, _, ranks = make(batching=HOLD)
+    _decoding(sched, ranks, 4)  # an idle engine admits at once
+    late = seq([1, 2, 3], max_tokens=2)
+    sched.add(late)
+    held = [_step(sched, ranks) for _ in range(3)]
+    assert all(st.plan.is_decode and len(st.plan.seqs) == 4 for st in held)
+    assert _admitted(_step(sched, ranks)) == [late.seq_id]  # the 4th step lets it in
+    assert sched.stats()["prefill_held_steps"] == 3
+    # The hold counter starts afresh for the next prompt.
+    nxt = seq([4, 5], max_tokens=2)
+    sched.add(nxt)
+    assert _step(sched, ranks).plan.is_decode
+    assert sched.num_held_steps == 4
+
+
+def test_prefill_batching_admits_a_batch_at_once():
+    sched, _, ranks = make(batching=HOLD)
+    _decoding(sched, ranks, 4)
+    first = seq([1, 2, 3])
+    sched.add(first)
+    assert _step(sched, ranks).plan.is_decode  # held: alone
+    group = [seq([7, 8]), seq([9, 10, 11])]
+    for s in group:
+        sched.add(s)
+    step = _step(sched, ranks)  # three waiting >= min_prompts: all in one prefill
+    assert _admitted(step) == [first.seq_id] + [s.seq_id for s in group]
+    assert sched.stats()["prefill_admissions"] == 2 and sched.stats()["prefill_admitted"] == 7
+
+
+def test_prefill_batching_never_holds_when_nothing_is_gained():
+    # Too few decodes to protect: admitted at once.
+    sched, _, ranks = make(batching=HOLD)
+    _decoding(sched, ranks, 2)
+    s = seq([1, 2, 3])
+    sched.add(s)
+    assert _admitted(_step(sched, ranks)) == [s.seq_id]
+    # A step that runs a prefill chunk anyway takes waiting prompts along.
+    sched, _, ranks = make(batching=HOLD, budget=10)
+    _decoding(sched, ranks, 4)
+    long = seq(range(1, 11))
+    sched.add(long)  # 10 tokens fill the 6 the decodes leave: admitted at once, chunked
+    assert [(e[0].seq_id, e[1]) for e in _step(sched, ranks).entries if e[1] > 1] == [(long.seq_id, 6)]
+    rider = seq([5, 6])
+    sched.add(rider)
+    step = _step(sched, ranks)  # the chunk continues: the lone rider comes along, not held
+    assert [(e[0].seq_id, e[1]) for e in step.entries if e[1] > 1] == [(long.seq_id, 4), (rider.seq_id, 2)]
+    assert sched.num_held_steps == 0
+    # Waiting prompts that fill the token budget are admitted at once.
+    sched, _, ranks = make(batching=HOLD, budget=12)
+    _decoding(sched, ranks, 4)
+    big = seq(range(1, 20))
+    sched.add(big)
+    assert [(e[0].seq_id, e[1]) for e in _step(sched, ranks).entries if e[1] > 1] == [(big.seq_id, 8)]
+    # No free seat: waiting is not holding (the hold starts when a seat frees).
+    sched, _, ranks = make(batching=HOLD, max_num_seqs=4)
+    running = _decoding(sched, ranks, 4, max_tokens=3)
+    queued = seq([1, 2])
+    sched.add(queued)
+    while not any(s.is_finished for s in running):
+        _step(sched, ranks)
+    assert sched.num_held_steps == 0
+
+
+def test_prefill_batching_admits_when_the_time_bound_passes(monkeypatch):
+    from lora_cluster.engine import scheduler as scheduler_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler_mod.time, "monotonic", lambda: clock[0])
+    sched, _, ranks = make(batching=PrefillBatching(hold_steps=100, hold_ms=50.0, min_prompts=3))
+    _decoding(sched, ranks, 4)
+    s = seq([1, 2, 3])
+    sched.add(s)
+    assert _step(sched, ranks).plan.is_decode
+    clock[0] += 0.049
+    assert _step(sched, ranks).plan.is_decode
+    clock[0] += 0.002
+    assert _admitted(_step(sched, ranks)) == [s.seq_id]
+
+
+def test_prefill_batching_keeps_outputs_and_finishes_everything():
+    plain, _, ranks_a = make(max_num_seqs=4, budget=16)
+    held, _, ranks_b = make(max_num_seqs=4, budget=16, batching=HOLD)
+    prompts = [list(range(i, i + 1 + i % 5)) for i in range(1, 13)]
+    outs = []
+    for sched, ranks in ((plain, ranks_a), (held, ranks_b)):
+        seqs = [seq(p, max_tokens=3 + i % 4) for i, p in enumerate(prompts)]
+        for s in seqs:
+            sched.add(s)
+        steps = run_to_end(sched, ranks)
+        outs.append(([s.output_ids for s in seqs], sum(not st.plan.is_decode for st in steps)))
+    assert outs[0][0] == outs[1][0]
+    assert held.num_held_steps > 0 and outs[1][1] < outs[0][1]  # fewer steps run a prefill
+
+
+def test_prefill_batching_config():
+    cfg = ClusterConfig(model="m", max_num_seqs=128)
+    assert cfg.prefill_batching() == PrefillBatching(hold_steps=0, hold_ms=100.0, min_prompts=16)
+    cuda = cfg.replace(device="cuda").prefill_batching()
+    assert cuda.hold_steps == 8 and cuda.min_prompts == 16
+    assert cfg.replace(device="cuda", use_cuda_graphs=False).prefill_batching().hold_steps == 0
+    assert ClusterConfig(model="m", max_num_seqs=4).prefill_batching().min_prompts == 2
+    assert ClusterConfig(model="m", max_num_seqs=1).prefill_batching().min_prompts == 1
+    explicit = cfg.replace(device="cuda", prefill_hold_steps=2, prefill_batch_prompts=5,
+                           prefill_hold_ms=20.0).prefill_batching()
+    assert explicit == PrefillBatching(hold_steps=2, hold_ms=20.0, min_prompts=5)
+    resolved = cfg.resolved(cuda_available=True)
+    assert (resolved.prefill_hold_steps, resolved.prefill_batch_prompts) == (8, 16)
+    assert cfg.resolved(cuda_available=False).prefill_hold_steps == 0
+    for bad in ({"prefill_hold_steps": -1}, {"prefill_batch_prompts": 0},
+                {"prefill_hold_ms": 0.0}, {"prefill_hold_steps": 1.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))) as err:
+            ClusterConfig(model="m", **bad)
+        assert err.value.details["field"] == next(iter(bad))
+    with pytest.raises(ConfigError, match="prefill_hold_ms"):
+        PrefillBatching(hold_ms=-1.0)
