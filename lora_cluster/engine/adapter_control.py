@@ -7,6 +7,12 @@ the controller's view equals each rank's. Also the scheduler's ``SlotProvider``:
 binds the current version of its adapter at first admission and keeps it until it finishes;
 an old version that bound sequences still use is held (a tier pin) until the last finishes.
 
+Prefetch (``engine/prefetch.py``) may admit a version to the host tier ahead of its first
+request, under ``lock`` alone: it is then in ``prefetch.admitted`` (the ranks are reading it
+beside the stream) until a ``LoadAdapter`` confirms it, and the victims that made room for it
+wait in ``prefetch.queued_drops`` until the next command sent under ``exec_lock`` — which
+sends their drops first, so a rank's host cache follows the tiers before a load needs room.
+
 Locking (owned by ``ControllerCore``): ``exec_lock`` serializes everything sent to the ranks
 (steps and adapter commands: an adapter never changes in the middle of a step); ``lock``
 guards the state. Order is always exec_lock → lock. Methods named ``*_locked`` expect both.
@@ -14,6 +20,7 @@ guards the state. Order is always exec_lock → lock. Methods named ``*_locked``
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +41,7 @@ from lora_cluster.engine.messages import (
     PlaceResult,
     RankReply,
 )
+from lora_cluster.engine.prefetch_book import PrefetchBook
 from lora_cluster.engine.registry import AdapterMeta, AdapterRecord
 from lora_cluster.errors import (
     AdapterError,
@@ -46,6 +54,7 @@ from lora_cluster.errors import (
 from lora_cluster.model.spec import ModelSpec
 
 SendAll = Callable[[Callable[[int], AdapterCommand]], tuple[RankReply, ...]]
+logger = logging.getLogger("lora_cluster.engine")
 
 
 def tier_id(key: AdapterKey) -> str:
@@ -83,6 +92,7 @@ class AdapterControl:
         self.reload_failures_by_cause: Counter[str] = Counter()
         self._versions: dict[str, int] = {}
         self._pending_drops: list[AdapterKey] = []
+        self.prefetch = PrefetchBook()  # versions admitted ahead of use, their victims
 
     # ---------------------------------------------------------------- inspection
     def inspect(self, name: str, source: str) -> tuple[str, AdapterMeta]:
@@ -178,27 +188,51 @@ class AdapterControl:
         self.retire_locked(rec.key)
 
     # ---------------------------------------------------------------- rank commands
+    def _send(self, build: Callable[[int], AdapterCommand]) -> tuple[RankReply, ...]:
+        """Send one command to every rank (caller holds exec_lock), queued drops first."""
+        self.send_queued_drops()
+        return self._send_all(build)
+
+    def send_queued_drops(self) -> None:
+        """Drop prefetch's victims on the ranks (caller holds exec_lock). A failure (a dead
+        rank) is left to the next step, which rebuilds the group from the tiers."""
+        drops, self.prefetch.queued_drops = list(self.prefetch.queued_drops), {}
+        for name, version in drops:
+            try:
+                err = _first_error(self._send_all(
+                    lambda seq: DropAdapter(seq=seq, name=name, version=version)))  # noqa: B023
+            except LoRAClusterError as exc:
+                err = exc
+            if err is not None:
+                logger.warning("dropping %s@v%d (a prefetch victim) on the ranks: %s",
+                               name, version, err)
+
     def _run(self, build: Callable[[int], AdapterCommand]) -> list[Any]:
-        replies = self._send_all(build)
+        replies = self._send(build)
         err = _first_error(replies)
         if err is not None:
             raise err
         return [r.result for r in replies]
 
     def _drop_on_ranks(self, key: AdapterKey) -> None:
+        self.prefetch.forget(key)
         self._run(lambda seq: DropAdapter(seq=seq, name=key[0], version=key[1]))
 
     def load_locked(self, key: AdapterKey, path: str) -> list[LoadResult]:
         """Admit ``key`` to the host tier (dropping LRU victims) and read it on every rank,
-        all or nothing. CapacityError when every host entry is held."""
+        all or nothing. CapacityError when every host entry is held. A prefetched version is
+        already admitted: the load confirms it (the ranks take what they read ahead)."""
         tid = tier_id(key)
-        for victim in self.tiers.admit_host(tid):
-            self._drop_on_ranks(self.keys[victim])
-            self._forget_if_dead(self.keys[victim])
+        confirming = self.prefetch.confirm(key)
+        if not confirming:
+            for victim in self.tiers.admit_host(tid):
+                self._drop_on_ranks(self.keys[victim])
+                self._forget_if_dead(self.keys[victim])
         self.keys[tid] = key
         name, version = key
-        replies = self._send_all(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
-                                                         path=path))
+        replies = self._send(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
+                                                     path=path))
+        self.prefetch.record_load(replies, confirming)
         err = _first_error(replies)
         if err is not None:
             # Ranks that succeeded drop their copy again: all or nothing.
@@ -239,7 +273,9 @@ class AdapterControl:
         return rec is not None and rec.version == key[1]
 
     def flush_drops_locked(self) -> None:
-        """Drop old versions whose last sequence finished (queued by ``unbind``)."""
+        """Drop old versions whose last sequence finished (queued by ``unbind``) and the
+        victims prefetch evicted."""
+        self.send_queued_drops()
         drops, self._pending_drops = self._pending_drops, []
         for key in drops:
             if self.bound[key] or self._is_current(key):
@@ -283,7 +319,7 @@ class AdapterControl:
                     f"pin_adapter; unpin one to serve other adapters", name=name)
             if not any(s is None or not self.tiers.held(s) for s in slots):
                 return None  # every slot serves running sequences: wait for one to finish
-            if not self.tiers.in_host(tid):
+            if not self.tiers.in_host(tid) or key in self.prefetch.admitted:
                 try:
                     self._reload_locked(key)
                 except CapacityError:
@@ -322,7 +358,7 @@ class AdapterControl:
 
     def ensure_device_locked(self, key: AdapterKey) -> int:
         """Make ``key`` device-resident now (pin_adapter); CapacityError if impossible."""
-        if not self.tiers.in_host(tier_id(key)):
+        if not self.tiers.in_host(tier_id(key)) or key in self.prefetch.admitted:
             self._reload_locked(key)
         return self._place_locked(key)
 
@@ -335,8 +371,11 @@ class AdapterControl:
         LRU order, re-place what was on the device, and re-apply pins."""
         old = self.tiers
         # Half-staged update versions are gone with the old ranks: their updates fail.
-        host = [self.keys[t] for t in old.host_names() if self.keys[t] not in self.staging]
+        # Prefetched versions are not reloaded (their requests load them when admitted).
+        host = [self.keys[t] for t in old.host_names()
+                if self.keys[t] not in self.staging and self.keys[t] not in self.prefetch.admitted]
         self.staging.clear()
+        self.prefetch.reset()
         device = {self.keys[t] for t in old.device_slots() if t is not None}
         pinned = {self.keys[t] for t in old.host_names() if old.is_pinned(t)}
         self.tiers = AdapterTiers(self.config.max_loras, self.config.max_cpu_loras)
@@ -354,6 +393,8 @@ class AdapterControl:
     # ---------------------------------------------------------------- views
     def residency_of(self, rec: AdapterRecord) -> ResidencyName:
         tid = tier_id(rec.key)
+        if rec.key in self.prefetch.admitted:
+            return "loading"  # read ahead for a waiting request, not confirmed yet
         if self.tiers.slot_of(tid) is not None:
             return "device"
         if self.tiers.in_host(tid):

@@ -9,6 +9,9 @@ queue (submit, cancel, list_adapters, stats) take ``_lock`` alone and never wait
 forward step (they can wait for a transparent adapter reload, which the scheduler performs
 between steps under ``_lock``).
 Results are delivered through ``RequestHandle`` objects; nothing waits while holding a lock.
+A prefetch thread (``engine/prefetch.py``), woken by submits and steps, takes ``_lock`` alone
+to admit waiting requests' adapters to the host tier ahead of use and sends read-ahead hints
+to the ranks with no lock held: disk reads happen beside steps, never under ``_exec``.
 
 Rank failure: a step that raises ClusterError makes the core restart the rank group, reload
 the adapters that were resident, and re-run in-flight requests from their tokens so far
@@ -33,8 +36,11 @@ from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.adapter_update import LayerwiseUpdater
 from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
+from lora_cluster.engine.prefetch import Prefetcher
+from lora_cluster.engine.prompts import Prompt, eos_ids, per_prompt, prompt_ids
 from lora_cluster.engine.rank_group import RankGroup
 from lora_cluster.engine.rank_runtime import context_limit_for
+from lora_cluster.engine.read_ahead import read_ahead_depth
 from lora_cluster.engine.request_handle import RequestHandle, wait_all
 from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
 from lora_cluster.engine.sequence import Sequence as Seq
@@ -46,7 +52,6 @@ from lora_cluster.errors import (
 )
 from lora_cluster.model.spec import ModelSpec
 
-Prompt = str | Sequence[int]
 logger = logging.getLogger("lora_cluster.engine")
 _IDLE_WAIT_S = 0.05  # re-check interval when work exists but nothing can run yet
 _RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing window
@@ -80,8 +85,12 @@ class ControllerCore:
             num_blocks=self.group_info.num_kv_blocks, block_size=self.group_info.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            context_limit=self.context_limit, eos_token_ids=_eos_ids(spec, tokenizer),
+            context_limit=self.context_limit, eos_token_ids=eos_ids(spec, tokenizer),
             watermark_blocks=self.group_info.num_kv_blocks // 100), self.adapters)
+        # A group that cannot read ahead (test doubles) gets no prefetch.
+        self.prefetcher = Prefetcher(self.adapters, self._lock, lambda: self.scheduler.waiting,
+                                     getattr(rank_group, "prefetch", None),
+                                     read_ahead_depth(config.max_loras, config.max_cpu_loras))
         self._handles: dict[int, tuple[Seq, RequestHandle]] = {}
         self._counters: collections.Counter[str] = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque()
@@ -192,7 +201,7 @@ class ControllerCore:
     def submit(self, prompt: Prompt, adapter: str | None = None,
                sampling: SamplingParams | None = None, *, score: bool = False) -> RequestHandle:
         """Queue one request; the handle yields its tokens and final result."""
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(prompt, self.tokenizer, self.spec.vocab_size)
         sampling = sampling or SamplingParams()
         if score:
             sampling = SamplingParams(max_tokens=1)
@@ -205,6 +214,7 @@ class ControllerCore:
             seq = Seq(seq_id=next(self._ids), prompt_ids=tuple(ids), sampling=sampling,
                       adapter_name=adapter, seed=seed, score=score)
             self.scheduler.add(seq)
+            self.prefetcher.wake()
             handle = RequestHandle(seq.seq_id, self.cancel)
             self._handles[seq.seq_id] = (seq, handle)
             self._cv.notify_all()
@@ -223,8 +233,8 @@ class ControllerCore:
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  timeout: float | None = None) -> list[GenerationResult]:
         """Run every prompt (text or token ids) with its adapter; results in prompt order."""
-        names = _per_prompt(adapters, len(prompts), "adapters")
-        params = _per_prompt(sampling, len(prompts), "sampling")
+        names = per_prompt(adapters, len(prompts), "adapters")
+        params = per_prompt(sampling, len(prompts), "sampling")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], params[i]),
                                    len(prompts))
         return wait_all(handles, lambda h: h.result(timeout))
@@ -233,7 +243,7 @@ class ControllerCore:
               adapters: str | Sequence[str | None] | None = None,
               timeout: float | None = None) -> list[Any]:
         """Float32 [len, V] logits of every prompt position (opaque payloads from the output rank)."""
-        names = _per_prompt(adapters, len(prompts), "adapters")
+        names = per_prompt(adapters, len(prompts), "adapters")
         handles = self._submit_all(lambda i: self.submit(prompts[i], names[i], score=True),
                                    len(prompts))
         return wait_all(handles, lambda h: h.logits(timeout))
@@ -248,20 +258,6 @@ class ControllerCore:
                 h.cancel()
             raise
         return handles
-
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("prompt: text prompts need a tokenizer (the model directory "
-                                   "has no tokenizer.json); pass token ids", field="prompt")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        vocab = self.spec.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt: token ids must be ints in [0, {vocab}), got {bad[:3]}",
-                               field="prompt")
-        return ids
 
     # ================================================================ step loop
     def _send_all(self, build: Callable[[int], AdapterCommand]) -> tuple[RankReply, ...]:
@@ -323,6 +319,7 @@ class ControllerCore:
                 self.adapters.flush_drops_locked()
                 step = self.scheduler.schedule()
                 self._publish(self.scheduler.take_events())
+                self.prefetcher.wake()  # the queue moved on: read ahead while this step runs
             if step is None:
                 return False
             try:
@@ -429,6 +426,7 @@ class ControllerCore:
             recent = sum(n for _, n in self._window)
             out: dict[str, Any] = dict(self.adapters.stats())
             out["updates"] = self.updates.stats()
+            out["prefetch"] = self.prefetcher.stats()
             out.update(self.scheduler.stats())
             out.update({
                 "queue_depth": len(self.scheduler.waiting),
@@ -451,23 +449,6 @@ class ControllerCore:
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        self.prefetcher.close()
         with self._exec:
             self.group.close()
-
-
-def _eos_ids(spec: ModelSpec, tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    """The model config's EOS ids; the tokenizer's when the config names none."""
-    if spec.eos_token_ids or tokenizer is None:
-        return spec.eos_token_ids
-    return tokenizer.eos_token_ids
-
-
-def _per_prompt(value: Any, count: int, what: str) -> list[Any]:
-    """One value per prompt from a single value or a per-prompt list."""
-    if value is None or isinstance(value, str | SamplingParams):
-        return [value] * count
-    values = list(value)
-    if len(values) != count:
-        raise RequestError(f"{what}: expected one per prompt ({count}), got {len(values)}",
-                           field=what)
-    return values

@@ -4,6 +4,9 @@ The controller numbers each command (``seq``, strictly increasing); a rank refus
 that does not follow the last one it ran, so a step can never run against a different adapter
 state than the controller planned. Per-step messages are small: a decode sends only its new
 token, its position and the KV blocks appended since the last step — never histories.
+Read-ahead hints (``ReadAheadHint``) are the one thing outside the stream: they change no
+state the controller mirrors (a rank reads into a side buffer that only a later, ordered
+``LoadAdapter`` takes from), so they need no place in it and never wait for a step.
 No torch here: messages cross process boundaries as plain picklable dataclasses.
 """
 
@@ -109,6 +112,20 @@ class LoadAdapter(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadAheadHint:
+    """Start reading this adapter version into the rank's read-ahead buffer now (not a
+    ``Command``: sent beside the stream, fire and forget, see the module docstring)."""
+
+    name: str
+    version: int
+    path: str
+
+    @property
+    def key(self) -> AdapterKey:
+        return (self.name, self.version)
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpdateAdapter(Command):
     """Stage some layers of a new adapter version (in-place update, layer by layer).
 
@@ -177,6 +194,12 @@ AdapterCommand = LoadAdapter | UpdateAdapter | PlaceAdapter | EvictSlot | DropAd
 AnyCommand = AdapterCommand | Step | Shutdown
 
 
+# How a rank's load met its read-ahead buffer: "none" read on the command path (no hint,
+# or the hint's read had not started) · "hit" already read · "waited" joined the read in
+# flight · "retried" the read-ahead failed, so the load read again (and reports what it found).
+ReadAheadOutcome = Literal["none", "hit", "waited", "retried"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadResult:
     """A rank's report on one adapter load: bytes it holds and where the time went."""
@@ -185,6 +208,7 @@ class LoadResult:
     version: int
     nbytes: int
     breakdown_ms: tuple[tuple[str, float], ...] = ()
+    read_ahead: ReadAheadOutcome = "none"
 
     @property
     def total_ms(self) -> float:

@@ -10,6 +10,13 @@ memory after the weights and LoRA slots are allocated (CUDA), or on CPU of
 ``min(CPU_KV_BASE_BYTES, free host memory)`` — a CPU rank shares its host with everything
 else, so it never claims a fraction of all RAM. Either way the cache is capped at what
 ``max_num_seqs`` sequences of full context could ever use.
+
+Read-ahead: ``prefetch(hints)`` (any thread, beside the stream) starts reading adapter versions
+into a side buffer (``engine/read_ahead.py``) on reader threads; a later ``LoadAdapter`` takes
+the entry instead of reading on the command path. The host cache itself changes only through
+the stream. The controller counts read-ahead versions in its host tier and drops a victim for
+each (the drop comes with its next command), so cache plus buffer stay within
+``max_cpu_loras``; the buffer's own bound (``read_ahead_depth``) caps the overlap meanwhile.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from lora_cluster.engine.messages import (
     LoadResult,
     PlaceAdapter,
     PlaceResult,
+    ReadAheadHint,
     Shutdown,
     Step,
     StepResult,
     UpdateAdapter,
 )
+from lora_cluster.engine.read_ahead import ReadAhead, read_ahead_depth
 from lora_cluster.engine.runner import StepRunner
 from lora_cluster.engine.slot_activation import SlotActivator, slot_ready
 from lora_cluster.engine.update_staging import StagedUpdate
@@ -45,6 +54,9 @@ from lora_cluster.model.parallel import Comm, ParallelInfo
 from lora_cluster.model.spec import ModelSpec, load_model_spec
 
 CPU_KV_BASE_BYTES = 2 << 30
+# Reader threads per rank: reads are short (ms) and mostly memory copies; one keeps up with
+# a step's admissions and leaves the cores to the forward.
+READ_AHEAD_WORKERS = 1
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,6 +114,10 @@ class RankRuntime:
         # In-place updates being staged layer group by layer group (one entry per version).
         self._staging: dict[AdapterKey, StagedUpdate] = {}
         self.load_stats: dict[AdapterKey, LoadResult] = {}
+        self.read_ahead: ReadAhead[tuple[AdapterWeights, dict[str, float]]] = ReadAhead(
+            self._read, capacity=read_ahead_depth(config.max_loras, config.max_cpu_loras),
+            workers=READ_AHEAD_WORKERS,
+            resident=lambda key: key in self.host_cache or key in self._staging)
         self._last_seq = -1
         self._closed = False
         self.steps = 0
@@ -173,15 +189,30 @@ class RankRuntime:
             breakdown["convert"] += ms
         return weights, breakdown
 
+    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> int:
+        """Start reading hinted adapter versions on the reader threads (any thread, beside
+        the command stream); returns how many reads started."""
+        return 0 if self._closed else self.read_ahead.offer(hints)
+
     def _load(self, cmd: LoadAdapter) -> LoadResult:
         if cmd.key in self.host_cache:
             return self.load_stats[cmd.key]
         self._check_room(cmd.key)
-        weights, breakdown = self._read(cmd.path, cmd.name, cmd.version)
-        # Nothing above touched the rank's state: a failed read leaves it as it was.
-        self.host_cache[cmd.key] = weights
+        start = time.perf_counter()
+        got, outcome = self.read_ahead.take(cmd.key)
+        try:
+            if got is None:
+                # No read-ahead, or it failed: read here, so errors surface as without hints.
+                weights, breakdown = self._read(cmd.path, cmd.name, cmd.version)
+            else:
+                weights, breakdown = got[0], dict(got[1])
+                breakdown["read_ahead_wait"] = (time.perf_counter() - start) * 1e3
+            # Nothing above touched the rank's state: a failed read leaves it as it was.
+            self.host_cache[cmd.key] = weights
+        finally:
+            self.read_ahead.done(cmd.key)
         result = LoadResult(name=cmd.name, version=cmd.version, nbytes=weights.nbytes,
-                            breakdown_ms=tuple(breakdown.items()))
+                            breakdown_ms=tuple(breakdown.items()), read_ahead=outcome)
         self.load_stats[cmd.key] = result
         return result
 
@@ -258,6 +289,7 @@ class RankRuntime:
             if held == key:
                 self._clear_slot(slot)
         self.host_cache.pop(key, None)
+        self.read_ahead.discard(key)
         staged = self._staging.pop(key, None)
         if staged is not None:
             staged.close()
@@ -279,6 +311,7 @@ class RankRuntime:
                                             "buffered_layers": len(u.arrivals)}
                         for k, u in self._staging.items()},
             "activation": self.activator.stats(),
+            "read_ahead": self.read_ahead.stats(),
             "live_sequences": self.runner.num_live_seqs,
             "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
@@ -288,6 +321,7 @@ class RankRuntime:
     def close(self) -> None:
         """Free the model and caches."""
         self._closed = True
+        self.read_ahead.close()
         self.activator.synchronize()
         self.host_cache.clear()
         for staged in self._staging.values():

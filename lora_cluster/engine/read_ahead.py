@@ -1,0 +1,133 @@
+"""A rank's read-ahead buffer: adapter versions read from disk by a small reader pool, off
+the command path, until an ordered ``LoadAdapter`` takes them into the host cache.
+
+Only hints (``messages.ReadAheadHint``) fill it, and nothing the controller mirrors changes
+when they do: the host cache gains an entry only when a load command takes one. So a hint may
+arrive late, twice, or for a version dropped meanwhile — the worst it costs is a wasted read.
+
+Threads: ``offer`` runs on any thread (the Ray actor's hint call, the controller's prefetch
+thread in-process); ``take``/``done``/``discard`` on the rank's command thread; reads on the
+pool's threads. One lock guards the buffer; no read and no wait happens under it.
+
+Bounds: at most ``capacity`` entries (read, in flight or queued); the oldest goes first to
+make room (counted ``wasted``). A failed read stays an entry that ``take`` answers with
+``"retried"``: the caller reads again, so the error reaches the request exactly as it would
+have without read-ahead. A failure never stops the pool or touches other entries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+from lora_cluster.engine.messages import AdapterKey, ReadAheadHint, ReadAheadOutcome
+
+T = TypeVar("T")
+Reader = Callable[[str, str, int], T]  # (path, name, version) → what the host cache holds
+
+
+# offered: hints seen · started: reads begun · hits: loads that found the read done ·
+# waited: loads that joined a read in flight · not_started: loads that found the read still
+# queued and read themselves · retried: loads whose read-ahead failed · wasted: entries
+# dropped or pushed out unused.
+_COUNTS = ("offered", "started", "hits", "waited", "not_started", "retried", "wasted")
+
+
+def read_ahead_depth(max_loras: int, max_cpu_loras: int) -> int:
+    """Adapter versions read ahead at most at once: twice the device slots (a few steps of
+    admissions), and never more host entries than the slots leave over (0: no read-ahead)."""
+    return max(0, min(2 * max_loras, max_cpu_loras - max_loras))
+
+
+class ReadAhead(Generic[T]):
+    """Versions being read (or read) ahead of their load command; see module docstring."""
+
+    def __init__(self, read: Reader[T], *, capacity: int, workers: int = 1,
+                 resident: Callable[[AdapterKey], bool] = lambda key: False) -> None:
+        self.capacity = capacity
+        self._read = read
+        self._resident = resident  # already in the host cache (or staging): nothing to read
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[AdapterKey, Future[T]] = OrderedDict()  # oldest first
+        self._loading: set[AdapterKey] = set()  # taken by a load command that is not done
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers),
+                                        thread_name_prefix="lora-read-ahead")
+        self._closed = False
+        self.counts: Counter[str] = Counter(dict.fromkeys(_COUNTS, 0))
+
+    def offer(self, hints: Iterable[ReadAheadHint]) -> int:
+        """Start reading every hinted version not resident, buffered or being loaded;
+        returns how many reads started. Never blocks on a read; safe from any thread."""
+        started = 0
+        with self._lock:
+            if self._closed or self.capacity <= 0:
+                return 0
+            for hint in hints:
+                key = hint.key
+                self.counts["offered"] += 1
+                if key in self._entries or key in self._loading or self._resident(key):
+                    continue
+                while len(self._entries) >= self.capacity:
+                    _, oldest = self._entries.popitem(last=False)
+                    oldest.cancel()  # not started: never read; running: its result is dropped
+                    self.counts["wasted"] += 1
+                self._entries[key] = self._pool.submit(self._read, hint.path, hint.name,
+                                                       hint.version)
+                started += 1
+            self.counts["started"] += started
+        return started
+
+    def take(self, key: AdapterKey) -> tuple[T | None, ReadAheadOutcome]:
+        """The read-ahead value of ``key`` (waiting for a read in flight) and how it was met;
+        None: the caller reads it itself. ``key`` counts as loading until ``done(key)``."""
+        with self._lock:
+            self._loading.add(key)
+            future = self._entries.pop(key, None)
+        if future is None:
+            return None, "none"
+        if future.cancel():
+            # Still queued behind other reads: reading it now is quicker than waiting.
+            self._count("not_started")
+            return None, "none"
+        waited = not future.done()
+        try:
+            value = future.result()
+        except Exception:  # the caller's own read reports the error (same as without hints)
+            self._count("retried")
+            return None, "retried"
+        self._count("waited" if waited else "hits")
+        return value, "waited" if waited else "hit"
+
+    def done(self, key: AdapterKey) -> None:
+        """The load that took ``key`` finished (the host cache holds it, or it failed)."""
+        with self._lock:
+            self._loading.discard(key)
+
+    def discard(self, key: AdapterKey) -> None:
+        """Forget ``key``'s entry (its version was dropped before any load took it)."""
+        with self._lock:
+            future = self._entries.pop(key, None)
+        if future is not None:
+            future.cancel()
+            self._count("wasted")
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"capacity": self.capacity, "buffered": len(self._entries),
+                    **{k: int(v) for k, v in self.counts.items()}}
+
+    def close(self) -> None:
+        """Drop every entry and stop the readers (a read in progress finishes unseen)."""
+        with self._lock:
+            self._closed = True
+            entries, self._entries = self._entries, OrderedDict()
+        for future in entries.values():
+            future.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
