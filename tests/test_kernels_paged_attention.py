@@ -213,6 +213,51 @@ def test_backend_switch() -> None:
                              torch.ones(1, dtype=torch.int32), 4, 1.0, None)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_model_with_triton_attention_matches_transformers(tmp_path, window) -> None:
+    """A tiny Mistral (GQA 4/2) through prefill, chunked prefill, mixed and decode steps with
+    attention on the kernels equals transformers (float32: 1e-4, same greedy tokens)."""
+    from model_support import make_checkpoint, rel_err, run_prompts
+
+    from lora_cluster.model.loader import load_model
+
+    hf = make_checkpoint(tmp_path / "mistral", "mistral", sliding_window=window)
+    hf.config._attn_implementation = "eager"
+    model = load_model(tmp_path / "mistral", dtype="float32", device=DEVICE)
+    prompts = [[(5 * i + 1) % 90 for i in range(14)], [44, 20, 91], [7, 7, 60, 3, 81]]
+    cache = model.make_kv_cache(num_blocks=32, block_size=4)
+
+    def forward(b: ForwardBatch) -> torch.Tensor:
+        moved = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in vars(b).items()}
+        return model(ForwardBatch(**moved), cache).cpu()
+
+    with pa.use_attention_backend("triton"):
+        trace = run_prompts(forward, prompts, [-1] * 3, new_tokens=4, chunk_first=5)
+    for s, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + trace.generated[s][:-1]])).logits[0]
+        # On a GPU the model's other Triton float32 dots may run in TF32.
+        assert rel_err(trace.full_logits(s), ref) <= (5e-3 if ON_GPU else 1e-4)
+        assert trace.generated[s] == ref[len(prompt) - 1:].argmax(-1).tolist()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the dry run is the interpreter's; the GPU runs the real one")
+def test_benchmark_dry_run() -> None:
+    """benchmarks/attention.py end to end on tiny shapes: every path agrees with float32 torch."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve annotations through it
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--dry-run"])
+    assert {r["path"] for r in rows} >= {"torch", "triton"}
+    assert all(r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows)
+
+
 # ---- real sizes on a GPU --------------------------------------------------------------------
 
 def _real_cache(contexts: list[int], seed: int) -> Cache:
