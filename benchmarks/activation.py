@@ -1,25 +1,32 @@
-"""Slot activation on a GPU: throughput vs pinned host→device bandwidth, and decode step time
-with and without a concurrent activation.
+"""Slot activation on a GPU: throughput vs pinned host→device bandwidth, the host time to
+issue one, and decode step time with and without a concurrent activation; old path vs new.
 
-Run (GPU, no Ray):   .venv/bin/python benchmarks/activation.py
+Run (GPU, no Ray):   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/activation.py
                      [--layers 8 --hidden 2048 --experts 128 --moe-inter 768 --rank 16 ...]
+                     (about a minute on an H100; --no-legacy skips the old-path comparison)
 Dry run (CPU, tiny): .venv/bin/python benchmarks/activation.py --dry-run
-                     (every code path, numbers meaningless; JSON to a temp dir unless --out)
+                     (every code path; JSON to a temp dir unless --out)
+CPU, real sizes:     .venv/bin/python benchmarks/activation.py --device cpu --layers 2 ...
+                     (host issue time is meaningful on CPU too: a write there is synchronous)
 
 Model: a Qwen3-MoE-shaped rank (default H=2048, 32 q / 4 kv heads × 128, 128 experts top-8
 of I=768, vocab 151,936, ``--layers`` decoder layers) with random bf16 weights, built in
 memory (slots of rank ``--max-lora-rank``); adapters: LoRA rank ``--rank`` on q/k/v/o and on
-every expert's gate/up/down (per-expert, i.e. 2D), slot-ready and pinned in host memory
-exactly as a rank's host cache holds them. Measured, on one card:
+every expert's gate/up/down (per-expert, i.e. 2D), slot-ready host-cache entries exactly as a
+rank holds them (``slot_ready``: packed into pinned pages). Measured, on one card:
 
   pinned H2D     one large pinned host → device copy (CUDA events): the bandwidth ceiling
   activation     ``SlotActivator.activate`` on its side stream, nothing else running: device
-                 time (events around the write) → bytes/s; host time to issue it
+                 time (events around the write) → bytes/s; host time to issue it (the first
+                 write of an entry also validates and plans it: reported apart)
+  legacy         the same through the previous path (validate + clear + one copy per tensor
+                 from per-tensor pinned copies), for comparison
   decode         decode steps of ``--batch`` sequences at a fixed context (CUDA graphs, as the
                  engine runs them; half the rows on adapters in slots 0/1, half base) — alone,
                  then with activations into spare slots 2/3 issued back to back so one is in
-                 flight during (nearly) every step; rounds alternate. Iteration time counts the
-                 host time spent issuing activations; step time does not.
+                 flight during (nearly) every step; rounds alternate. Step time is the step's
+                 device time (CUDA events) and its wall time; iteration time adds the host time
+                 spent issuing the activation.
   correctness    a step that first uses a freshly activated slot equals the same step after a
                  synchronous write (no half-written slot is ever read)
 
@@ -51,13 +58,16 @@ from lora_cluster.engine.slot_activation import SlotActivator, slot_ready
 from lora_cluster.model.decoder import DecoderModel
 from lora_cluster.model.kv_cache import KVCache
 from lora_cluster.model.parallel import ParallelInfo
+from lora_cluster.model.slot_host import PAGE_BYTES
 from lora_cluster.model.spec import ModelSpec, spec_from_hf_config
+from lora_cluster.model.step_context import LORA_GROUPS
 
 LORA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj",
               "experts.gate_proj", "experts.up_proj", "experts.down_proj")
 DRY_RUN = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "experts": 8,
            "topk": 2, "moe_inter": 32, "vocab": 512, "rank": 4, "batch": 4, "context": 16,
-           "steps": 4, "rounds": 1, "reps": 2, "device": "cpu", "pinned_mb": 4}
+           "steps": 4, "rounds": 1, "reps": 2, "device": "cpu", "pinned_mb": 4,
+           "page_kb": 64}
 
 
 def build_spec(a: argparse.Namespace) -> ModelSpec:
@@ -88,7 +98,7 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
 
 
 def make_adapter(model: DecoderModel, name: str, rank: int, dtype: torch.dtype, seed: int,
-                 pin: bool) -> AdapterWeights:
+                 pin: bool, page_bytes: int) -> AdapterWeights:
     """Slot-ready host copies (pinned on GPU hosts) of a random adapter on LORA_KINDS."""
     assert model.slot_table is not None
     gen = torch.Generator().manual_seed(seed)
@@ -100,7 +110,39 @@ def make_adapter(model: DecoderModel, name: str, rank: int, dtype: torch.dtype, 
         b_shape = tuple(rank if d == -1 else d for d in target.b_shape)
         modules[key] = LoRATensors(torch.randn(a_shape, generator=gen) * 0.05,
                                    torch.randn(b_shape, generator=gen) * 0.05, 2.0)
-    return AdapterWeights(name, 1, rank, slot_ready(modules, dtype, pin=pin))
+    return AdapterWeights(name, 1, rank, slot_ready(modules, dtype, pin=pin,
+                                                    page_bytes=page_bytes))
+
+
+def legacy_entry(weights: AdapterWeights, pin: bool) -> AdapterWeights:
+    """The previous host-cache layout: one (pinned) host tensor per a and b."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous().clone()
+        return t.pin_memory() if pin else t
+    return AdapterWeights(weights.name, weights.version, weights.rank,
+                          {k: LoRATensors(own(t.a), own(t.b), 1.0)
+                           for k, t in weights.modules.items()})
+
+
+class LegacyWriter:
+    """The previous slot write, for comparison: validate, clear every buffer of the slot, one
+    non-blocking copy per tensor (no plan, no staging)."""
+
+    def __init__(self, model: DecoderModel) -> None:
+        self.model = model
+
+    def set_lora_slot(self, slot: int, weights: AdapterWeights) -> None:
+        table, groups = self.model.slot_table, self.model.slot_groups
+        assert table is not None and groups is not None
+        plan = table.validate(weights)  # type: ignore[arg-type]
+        table.clear(slot)
+        for target, t in plan:
+            target.write(slot, t.a, t.b, 1.0)
+        has = {target.group for target, _ in plan}
+        groups[:, slot].copy_(torch.tensor([g in has for g in LORA_GROUPS]), non_blocking=True)
+
+    def clear_lora_slot(self, slot: int) -> None:
+        self.model.clear_lora_slot(slot)
 
 
 def sync(device: torch.device) -> None:
@@ -133,16 +175,20 @@ def pinned_bandwidth(nbytes: int, device: torch.device, reps: int) -> dict[str, 
 
 def isolated_activation(act: SlotActivator, weights: list[AdapterWeights],
                         device: torch.device, reps: int) -> dict[str, Any]:
-    """Activations with nothing else running: device time per activation and issue time."""
-    issue, device_ms = [], []
-    for i in range(reps + 1):
+    """Activations with nothing else running: device time per activation and issue time.
+
+    The first write of each entry (validation and planning, once per entry) is timed apart.
+    """
+    issue, device_ms, first = [], [], []
+    for i in range(reps + len(weights)):
         sync(device)
         t0 = time.perf_counter()
-        act.activate(2 + i % 2, weights[i % 2])
+        act.activate(2 + i % 2, weights[i % len(weights)])
         issued = (time.perf_counter() - t0) * 1e3
         act.synchronize()
-        if i == 0:
-            continue  # warm-up: allocator growth, first-touch of pinned pages
+        if i < len(weights):
+            first.append(issued)  # also pays allocator growth, first touch of pages
+            continue
         issue.append(issued)
         if device.type == "cuda":
             device_ms.append(act.finished_timings()[-1][1])
@@ -151,6 +197,7 @@ def isolated_activation(act: SlotActivator, weights: list[AdapterWeights],
     nbytes = weights[0].nbytes
     best = min(device_ms)
     return {"bytes": nbytes, "issue_ms_median": statistics.median(issue),
+            "issue_ms_min": min(issue), "first_issue_ms_max": max(first),
             "device_ms_median": statistics.median(device_ms), "device_ms_best": best,
             "gb_s_best": nbytes / max(best, 1e-6) / 1e6,
             "gb_s_median": nbytes / max(statistics.median(device_ms), 1e-6) / 1e6}
@@ -196,12 +243,24 @@ def decode_rounds(dec: Decoder, act: SlotActivator, spares: list[AdapterWeights]
                   steps: int, rounds: int) -> dict[str, Any]:
     """Alternating rounds: decode alone, then with activations in flight (module docstring)."""
     used = sorted({s for s in dec.slots if s >= 0})
+    cuda = dec.device.type == "cuda"
     alone: list[float] = []
     step_only: list[float] = []
     iteration: list[float] = []
+    events: dict[str, list[tuple[Any, Any]]] = {"alone": [], "with": []}
     overlapped = issued = 0
     issue_ms: list[float] = []
-    cuda = dec.device.type == "cuda"
+
+    def step(mode: str) -> None:
+        if not cuda:
+            dec.run(dec.decode)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dec.run(dec.decode)
+        end.record()
+        events[mode].append((start, end))
+
     for _ in range(steps):  # warm-up
         act.wait_for(used)
         dec.run(dec.decode)
@@ -210,7 +269,7 @@ def decode_rounds(dec: Decoder, act: SlotActivator, spares: list[AdapterWeights]
         for _ in range(steps):
             t0 = time.perf_counter()
             act.wait_for(used)
-            dec.run(dec.decode)
+            step("alone")
             alone.append((time.perf_counter() - t0) * 1e3)
         for i in range(steps):
             t0 = time.perf_counter()
@@ -225,7 +284,7 @@ def decode_rounds(dec: Decoder, act: SlotActivator, spares: list[AdapterWeights]
             t1 = time.perf_counter()
             in_flight = cuda and not act.last_event().query()
             act.wait_for(used)  # the batch's own slots only: spare-slot writes are not awaited
-            dec.run(dec.decode)
+            step("with")
             t2 = time.perf_counter()
             overlapped += in_flight
             step_only.append((t2 - t1) * 1e3)
@@ -233,7 +292,7 @@ def decode_rounds(dec: Decoder, act: SlotActivator, spares: list[AdapterWeights]
     act.synchronize()
     timings = act.finished_timings()
     mean_alone = statistics.mean(alone)
-    return {
+    out = {
         "steps_per_mode": len(alone), "activations_issued": issued,
         "steps_with_activation_in_flight": overlapped,
         "alone_ms_mean": mean_alone, "alone_ms_median": statistics.median(alone),
@@ -243,9 +302,17 @@ def decode_rounds(dec: Decoder, act: SlotActivator, spares: list[AdapterWeights]
         "slowdown_iteration": statistics.mean(iteration) / mean_alone - 1.0,
         "slowdown_step": statistics.mean(step_only) / mean_alone - 1.0,
         "issue_ms_mean": statistics.mean(issue_ms) if issue_ms else 0.0,
+        "issue_ms_median": statistics.median(issue_ms) if issue_ms else 0.0,
         "concurrent_activation_gb_s": (sum(n for n, _ in timings) / max(
             sum(ms for _, ms in timings), 1e-6) / 1e6) if timings else None,
     }
+    if cuda:
+        dev = {mode: statistics.mean(s.elapsed_time(e) for s, e in pairs)
+               for mode, pairs in events.items()}
+        out.update({"alone_device_ms_mean": dev["alone"],
+                    "with_activation_device_ms_mean": dev["with"],
+                    "slowdown_device": dev["with"] / dev["alone"] - 1.0})
+    return out
 
 
 def correctness(dec: Decoder, act: SlotActivator, model: DecoderModel,
@@ -298,23 +365,80 @@ def card_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for flag, default in (("layers", 8), ("hidden", 2048), ("heads", 32), ("kv-heads", 4),
                           ("head-dim", 128), ("experts", 128), ("topk", 8), ("moe-inter", 768),
                           ("vocab", 151936), ("rank", 16), ("batch", 32), ("context", 512),
-                          ("steps", 100), ("rounds", 4), ("reps", 5), ("pinned-mb", 512)):
+                          ("steps", 100), ("rounds", 4), ("reps", 5), ("pinned-mb", 512),
+                          ("page-kb", PAGE_BYTES >> 10)):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--max-lora-rank", type=int, default=0,
                    help="slot rank R (default: --rank; larger pads every slot write)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-legacy", action="store_true", help="skip the old-path comparison")
     p.add_argument("--dry-run", action="store_true", help="tiny config on CPU (code paths only)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     a = p.parse_args()
     if a.dry_run:
         for k, v in DRY_RUN.items():
             setattr(a, k, v)
+    a.max_lora_rank = max(a.max_lora_rank, a.rank)
+    return a
+
+
+def table_rows(bandwidth: dict[str, Any], iso: dict[str, Any], decode: dict[str, Any],
+               check: dict[str, Any], legacy: dict[str, Any] | None) -> list[tuple[str, str]]:
+    ratio = iso["gb_s_best"] / bandwidth["best_gb_s"]
+    rows = [
+        ("pinned H2D bandwidth (GB/s, best/median)",
+         f"{bandwidth['best_gb_s']:.1f} / {bandwidth['median_gb_s']:.1f}"),
+        ("activation throughput (GB/s, best/median)",
+         f"{iso['gb_s_best']:.1f} / {iso['gb_s_median']:.1f}"),
+        ("activation / pinned bandwidth (goal ≥ 80 %)", f"{100 * ratio:.1f} %"),
+        ("activation device ms / host issue ms (median)",
+         f"{iso['device_ms_median']:.2f} / {iso['issue_ms_median']:.3f}"),
+        ("first write of an entry (validate + plan), host ms", f"{iso['first_issue_ms_max']:.2f}"),
+    ]
+    if legacy is not None:
+        li = legacy["activation"]
+        rows += [
+            ("legacy: activation GB/s best (% of pinned)",
+             f"{li['gb_s_best']:.1f} ({100 * li['gb_s_best'] / bandwidth['best_gb_s']:.1f} %)"),
+            ("legacy: device ms / host issue ms (median)",
+             f"{li['device_ms_median']:.2f} / {li['issue_ms_median']:.3f}"),
+        ]
+    rows += [
+        ("decode step alone: wall / device (ms, mean)",
+         f"{decode['alone_ms_mean']:.3f} / {decode.get('alone_device_ms_mean', float('nan')):.3f}"),
+        ("decode with activation in flight: step wall / device / iteration (ms)",
+         f"{decode['with_activation_step_ms_mean']:.3f} / "
+         f"{decode.get('with_activation_device_ms_mean', float('nan')):.3f} / "
+         f"{decode['with_activation_iteration_ms_mean']:.3f}"),
+        ("slowdown step device / step wall / iteration (goal ≤ 5 %)",
+         f"{100 * decode.get('slowdown_device', float('nan')):.1f} % / "
+         f"{100 * decode['slowdown_step']:.1f} % / {100 * decode['slowdown_iteration']:.1f} %"),
+        ("host issue ms per activation during decode (mean)", f"{decode['issue_ms_mean']:.3f}"),
+    ]
+    if legacy is not None:
+        ld = legacy["decode"]
+        rows.append(("legacy: slowdown iteration, issue ms during decode",
+                     f"{100 * ld['slowdown_iteration']:.1f} %, {ld['issue_ms_mean']:.3f}"))
+    rows += [
+        ("steps overlapping an activation", f"{decode['steps_with_activation_in_flight']} of "
+                                            f"{decode['steps_per_mode']}"),
+        ("fresh-slot step == synchronous write", f"{check['ok']} (max diff "
+                                                 f"{check['max_abs_diff']:.2e})"),
+        ("  side-stream write then sync / run-to-run noise / adapter effect",
+         f"{check['side_stream_synced_diff']:.2e} / {check['run_to_run_noise']:.2e} / "
+         f"{check['adapter_effect']:.2e}"),
+    ]
+    return rows
+
+
+def main() -> None:
+    a = parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if a.device == "auto" else a.device))
     if device.type == "cuda":
@@ -324,57 +448,48 @@ def main() -> None:
     pin = device.type == "cuda"
     spec = build_spec(a)
     t0 = time.perf_counter()
-    a.max_lora_rank = max(a.max_lora_rank, a.rank)
     model = build_model(spec, device, dtype, a.max_lora_rank)
-    adapters = [make_adapter(model, f"ad{i}", a.rank, dtype, seed=i, pin=pin) for i in range(4)]
+    adapters = [make_adapter(model, f"ad{i}", a.rank, dtype, seed=i, pin=pin,
+                             page_bytes=a.page_kb << 10) for i in range(4)]
     act = SlotActivator(model, device)
     for slot in (0, 1):
         act.activate(slot, adapters[slot])
     act.synchronize()
     setup_s = time.perf_counter() - t0
+    pages = {t.untyped_storage().data_ptr() for m in adapters[0].modules.values()
+             for t in (m.a, m.b)}
     print(f"device {device} ({card_slug(device)}), {a.layers} layers, adapter "
-          f"{adapters[0].nbytes / 2**20:.1f} MiB ({len(adapters[0].modules)} modules), "
-          f"setup {setup_s:.1f} s", flush=True)
+          f"{adapters[0].nbytes / 2**20:.1f} MiB ({len(adapters[0].modules)} modules, "
+          f"{len(pages)} host pages), setup {setup_s:.1f} s", flush=True)
 
     bandwidth = pinned_bandwidth(max(a.pinned_mb << 20, adapters[0].nbytes), device, a.reps)
     isolated = isolated_activation(act, adapters[2:], device, a.reps)
     dec = Decoder(model, spec, device, dtype, a.batch, a.context)
     decode = decode_rounds(dec, act, adapters[2:], a.steps, a.rounds)
+    legacy = None
+    if not a.no_legacy:
+        old = [legacy_entry(w, pin) for w in adapters[2:]]
+        old_act = SlotActivator(LegacyWriter(model), device)
+        legacy = {"activation": isolated_activation(old_act, old, device, a.reps),
+                  "decode": decode_rounds(dec, old_act, old, a.steps, max(1, a.rounds // 2))}
+        del old
     check = correctness(dec, act, model, adapters[3])
 
     ratio = isolated["gb_s_best"] / bandwidth["best_gb_s"]
-    rows = [
-        ("pinned H2D bandwidth (GB/s, best/median)",
-         f"{bandwidth['best_gb_s']:.1f} / {bandwidth['median_gb_s']:.1f}"),
-        ("activation throughput (GB/s, best/median)",
-         f"{isolated['gb_s_best']:.1f} / {isolated['gb_s_median']:.1f}"),
-        ("activation / pinned bandwidth (goal ≥ 80 %)", f"{100 * ratio:.1f} %"),
-        ("activation device ms / host issue ms",
-         f"{isolated['device_ms_median']:.2f} / {isolated['issue_ms_median']:.2f}"),
-        ("decode step alone (ms, mean)", f"{decode['alone_ms_mean']:.3f}"),
-        ("decode with activation in flight: step / iteration (ms)",
-         f"{decode['with_activation_step_ms_mean']:.3f} / "
-         f"{decode['with_activation_iteration_ms_mean']:.3f}"),
-        ("slowdown step / iteration (goal ≤ 5 %)",
-         f"{100 * decode['slowdown_step']:.1f} % / {100 * decode['slowdown_iteration']:.1f} %"),
-        ("steps overlapping an activation", f"{decode['steps_with_activation_in_flight']} of "
-                                            f"{decode['steps_per_mode']}"),
-        ("fresh-slot step == synchronous write", f"{check['ok']} (max diff "
-                                                 f"{check['max_abs_diff']:.2e})"),
-        ("  side-stream write then sync / run-to-run noise / adapter effect",
-         f"{check['side_stream_synced_diff']:.2e} / {check['run_to_run_noise']:.2e} / "
-         f"{check['adapter_effect']:.2e}"),
-    ]
+    rows = table_rows(bandwidth, isolated, decode, check, legacy)
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    table = model.slot_table
+    assert table is not None
     payload = {
         "config": {k: v for k, v in vars(a).items() if k not in ("out",)},
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "machine": machine(), "date": time.strftime("%Y-%m-%d"),
         "adapter_bytes": adapters[0].nbytes, "adapter_modules": len(adapters[0].modules),
+        "host_pages": len(pages), "staging_bytes": table.transfer.staging_nbytes,
         "pinned_h2d": bandwidth, "activation": isolated, "activation_vs_pinned": ratio,
-        "decode": decode, "correctness": check,
+        "decode": decode, "legacy": legacy, "correctness": check,
         "goals": {"activation_ge_80pct": ratio >= 0.8,
                   "decode_slowdown_le_5pct": decode["slowdown_iteration"] <= 0.05},
         "dry_run": bool(a.dry_run),

@@ -12,6 +12,12 @@ device (the host never waits):
 * Slot buffers are written in place (``copy_`` into fixed buffers), never reallocated, so
   captured CUDA graphs stay valid.
 
+What a write costs the host: the host cache holds each adapter slot-ready and packed into a
+few pinned pages (``slot_ready``); the model's slot table validates and plans an entry on its
+first write and keeps the plan, so every later write of it — into any slot — is a handful of
+page-sized DMAs into a staging buffer plus one multi-tensor device copy into the slot
+(``model.slot_transfer``), with no per-module Python.
+
 On CPU writes are plain synchronous copies. Shape legend: S slots.
 """
 
@@ -25,24 +31,20 @@ from typing import Any, Protocol
 import torch
 
 from lora_cluster.adapters.weights import LoRATensors, ModuleKey
+from lora_cluster.model.slot_host import PAGE_BYTES, pack_slot_ready
 
 _TIMINGS_KEPT = 64  # recent activations whose device time stats() reports
 
 
 def slot_ready(modules: dict[ModuleKey, LoRATensors], dtype: torch.dtype, *,
-               pin: bool) -> dict[ModuleKey, LoRATensors]:
+               pin: bool, page_bytes: int = PAGE_BYTES) -> dict[ModuleKey, LoRATensors]:
     """Host copies a slot write only has to copy: cast to the model's ``dtype`` with the
     scaling folded into ``b`` in float32 (the slot writer's own arithmetic, done once at load
-    instead of at every activation), scaling 1.0, page-locked when ``pin`` (GPU hosts)."""
-    out = {}
-    for key, t in modules.items():
-        a = t.a.to(dtype)
-        b = t.b if t.scaling == 1.0 and t.b.dtype == dtype else (
-            t.b.to(torch.float32) * t.scaling).to(dtype)
-        if pin:
-            a, b = a.pin_memory(), b.pin_memory()
-        out[key] = LoRATensors(a, b, 1.0)
-    return out
+    instead of at every activation), scaling 1.0, packed into a few large pages (page-locked
+    when ``pin``, on GPU hosts) laid out the way the slots hold them (``model.slot_host``)."""
+    packed = pack_slot_ready({key: (t.a, t.b, float(t.scaling)) for key, t in modules.items()},
+                             dtype, pin=pin, page_bytes=page_bytes)
+    return {key: LoRATensors(a, b, 1.0) for key, (a, b) in packed.items()}
 
 
 class SlotModel(Protocol):

@@ -5,22 +5,33 @@ modules are checked against it (shape, rank ≤ R) before a single byte is writt
 adapter leaves the slot as it was. ``AdapterWeights`` (lora_cluster.adapters) satisfies the
 ``SlotWeights`` protocol; the model package only depends on its shape.
 
+Two ways in. An adapter already *slot-ready* (model dtype, scaling 1.0 — the host cache's
+entries, see ``slot_host``) is validated and planned once per entry (``slot_transfer``): later
+writes of that entry, into any slot, are a few bulk copies with no per-module Python (the
+slot views each plan names are built once per slot and cached; buffers never move). Anything
+else (a file's dtype, an unfolded scale) goes through the per-module writers, casting on the
+way. Both zero whatever the adapter leaves uncovered (targets it lacks, rank padding).
+
 Shape legend: r a module's rank, R max rank, E local experts, V local vocab, H hidden.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from lora_cluster.errors import AdapterRankError, AdapterShapeError, UnsupportedAdapterError
+from lora_cluster.model.slot_host import GATE, UP
+from lora_cluster.model.slot_transfer import DstKey, PlannedWrite, Segment, SlotTransfer
 from lora_cluster.model.step_context import KIND_GROUP
 
 ModuleKey = tuple[int | None, str]
 Writer = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+Views = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (slot, r) → (a, b) views
 
 
 class SlotTensors(Protocol):
@@ -41,13 +52,14 @@ class LoRATarget:
     """One LoRA-capable module on this rank: expected local shapes (``-1`` = the rank) + writer.
 
     linear: a (r, in_local), b (out_local, r); experts: a (E, r, in_local), b (E, out_local, r);
-    embed_tokens: a (r, V_local), b (H, r).
+    embed_tokens: a (r, V_local), b (H, r) (its a view is a transposed [V_local, r] slice).
     """
 
     group: str
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     write: Writer
+    views: Views  # where a rank-r pair of ``slot`` lives, shaped like the adapter's a and b
 
 
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...], rank: int) -> bool:
@@ -64,9 +76,29 @@ class LoRASlotTable:
         self.skipped = skipped  # kinds another EP rank holds (ignored here, not an error)
         self._clearers = clearers
         self.max_rank = max_rank
+        self._transfer: SlotTransfer | None = None
+        self._plans: dict[int, PlannedWrite] = {}  # id(weights) → plan, dropped with weights
+        self._views: dict[int, dict[DstKey, torch.Tensor]] = {}  # slot → resolved plan views
+
+    @property
+    def transfer(self) -> SlotTransfer:
+        """Runs planned writes (staged through device memory on CUDA); replaceable in tests."""
+        if self._transfer is None:
+            self._transfer = SlotTransfer(self._probe().device)
+        return self._transfer
+
+    @transfer.setter
+    def transfer(self, transfer: SlotTransfer) -> None:
+        self._transfer = transfer
+
+    def _probe(self) -> torch.Tensor:
+        return next(iter(self.targets.values())).views(0, 1)[0]
 
     def validate(self, weights: SlotWeights) -> list[tuple[LoRATarget, SlotTensors]]:
         """Every module checked against its target; raises before anything is written."""
+        return [(target, tensors) for _, target, tensors in self._check(weights)]
+
+    def _check(self, weights: SlotWeights) -> list[tuple[ModuleKey, LoRATarget, SlotTensors]]:
         plan = []
         for key, tensors in weights.modules.items():
             target = self.targets.get(key)
@@ -90,7 +122,7 @@ class LoRASlotTable:
                     f"{list(a.shape)} and B {list(b.shape)}; this rank expects A "
                     f"{_show(target.a_shape)} and B {_show(target.b_shape)} (r ≤ {self.max_rank})",
                     adapter=weights.name, module=str(key))
-            plan.append((target, tensors))
+            plan.append((key, target, tensors))
         return plan
 
     def clear(self, slot: int) -> None:
@@ -98,26 +130,146 @@ class LoRASlotTable:
             clear(slot)
 
     def write(self, slot: int, weights: SlotWeights) -> frozenset[str]:
-        """Validate, clear ``slot``, write every module; returns the groups the adapter has."""
-        plan = self.validate(weights)
-        self.clear(slot)
-        for target, tensors in plan:
-            target.write(slot, tensors.a, tensors.b, float(tensors.scaling))
-        return frozenset(target.group for target, _ in plan)
+        """Validate, write every module into ``slot`` and zero the rest of it; returns the
+        groups the adapter has. A slot-ready entry is validated and planned on its first
+        write only (the plan is kept while the entry lives and its modules stay the same)."""
+        modules = weights.modules
+        fingerprint = (tuple(modules), tuple(map(id, modules.values())), self.max_rank)
+        planned = self._plans.get(id(weights))
+        if planned is None or planned.fingerprint != fingerprint:
+            checked = self._check(weights)
+            if not self._slot_ready(checked):
+                self.clear(slot)
+                for _, target, t in checked:
+                    target.write(slot, t.a, t.b, float(t.scaling))
+                return frozenset(target.group for _, target, _ in checked)
+            planned = self._plan(checked, fingerprint)
+            self._remember(weights, planned)
+        self.transfer.run(planned, self._dsts(slot, planned.dst_keys),
+                          self._dsts(slot, planned.zero_dense),
+                          self._dsts(slot, planned.zero_strided))
+        return planned.groups
+
+    # ---- planned writes ------------------------------------------------------------------
+    def _slot_ready(self, checked: list[tuple[ModuleKey, LoRATarget, SlotTensors]]) -> bool:
+        dtype = self._probe().dtype
+        return all(t.a.dtype == dtype and t.b.dtype == dtype and float(t.scaling) == 1.0
+                   for _, _, t in checked)
+
+    def _remember(self, weights: SlotWeights, planned: PlannedWrite) -> None:
+        key = id(weights)
+        try:
+            if key not in self._plans:
+                weakref.finalize(weights, self._plans.pop, key, None)
+        except TypeError:  # no weak references: plan again next time
+            return
+        self._plans[key] = planned
+
+    def _plan(self, checked: list[tuple[ModuleKey, LoRATarget, SlotTensors]],
+              fingerprint: tuple[Any, ...]) -> PlannedWrite:
+        """Segments of a validated slot-ready entry, and the views it leaves to zero."""
+        rank_max = self.max_rank
+        present = {key: t for key, _, t in checked}
+        pairs: dict[int | None, torch.Tensor] = {}  # layer → host gate|up B block
+        for (layer, kind), t in present.items():
+            up = present.get((layer, UP)) if kind == GATE else None
+            if up is not None and up.b.shape == t.b.shape:
+                src = _halves(t.b, up.b)
+                if src is not None and self._resolve(0, ("pair", layer, _rank(t))) is not None:
+                    pairs[layer] = src
+        segments = []
+        for (layer, kind), t in present.items():
+            segments.append(self._segment(("v", (layer, kind), 0, _rank(t)), t.a))
+            if kind in (GATE, UP) and layer in pairs:
+                if kind == GATE:
+                    segments.append(Segment(("pair", layer, _rank(t)), pairs[layer], True))
+                continue
+            segments.append(self._segment(("v", (layer, kind), 1, _rank(t)), t.b))
+        uncovered = {key for key in self.targets
+                     if key not in present or _rank(present[key]) < rank_max}
+        zero_dense: list[DstKey] = []
+        zero_strided: list[DstKey] = []
+        for layer, kind in uncovered:
+            for which in (0, 1):
+                if which == 1 and kind in (GATE, UP) and {(layer, GATE), (layer, UP)} <= uncovered \
+                        and self._resolve(0, ("pair", layer, rank_max)) is not None:
+                    if kind == GATE:
+                        zero_dense.append(("pair", layer, rank_max))
+                    continue
+                full = self.targets[(layer, kind)].views(0, rank_max)[which]
+                dkey = ("v", (layer, kind), which, rank_max, _storage_order(full))
+                dense = self._resolve(0, dkey)
+                (zero_dense if dense is not None and dense.is_contiguous()
+                 else zero_strided).append(dkey)
+        groups = frozenset(target.group for _, target, _ in checked)
+        return self.transfer.plan(fingerprint, groups, segments, zero_dense, zero_strided)
+
+    def _segment(self, where: DstKey, src: torch.Tensor) -> Segment:
+        perm = _storage_order(src)
+        dkey = (*where, perm)
+        dst = self._resolve(0, dkey)
+        src = src.permute(perm)
+        return Segment(dkey, src, bool(src.is_contiguous() and dst is not None
+                                       and dst.is_contiguous()))
+
+    def _resolve(self, slot: int, dkey: DstKey) -> torch.Tensor | None:
+        """The view a plan key names in ``slot`` (None: a gate/up pair that is not one block)."""
+        if dkey[0] == "pair":
+            _, layer, r = dkey
+            return _halves(self.targets[(layer, GATE)].views(slot, r)[1],
+                           self.targets[(layer, UP)].views(slot, r)[1])
+        _, key, which, r, perm = dkey
+        return self.targets[key].views(slot, r)[which].permute(perm)
+
+    def _dsts(self, slot: int, keys: list[DstKey]) -> list[torch.Tensor]:
+        cache = self._views.setdefault(slot, {})
+        try:
+            return [cache[k] for k in keys]
+        except KeyError:
+            for k in keys:
+                if k not in cache:
+                    view = self._resolve(slot, k)
+                    assert view is not None, k  # plans name only pairs that resolved
+                    cache[k] = view
+            return [cache[k] for k in keys]
+
+
+def _rank(t: SlotTensors) -> int:
+    return int(t.a.shape[-2])
+
+
+def _storage_order(t: torch.Tensor) -> tuple[int, ...]:
+    """Dims by decreasing stride: the permutation that makes a permuted-dense view contiguous
+    (embed_tokens A is kept as a transposed [V, r] block on the host and in the slots)."""
+    strides = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: -strides[d]))
+
+
+def _halves(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``x`` and ``y`` [E, I, r] as the two halves of dim 1 of one contiguous [E, 2I, r] block
+    (how b13 and the host pack hold gate and up B), or None if they are not."""
+    if (x.dim() != 3 or x.shape != y.shape or x.stride() != y.stride() or x.device != y.device
+            or x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+            or y.storage_offset() != x.storage_offset() + x.shape[1] * x.stride(1)):
+        return None
+    block = x.as_strided((x.shape[0], 2 * x.shape[1], x.shape[2]), x.stride())
+    return block if block.is_contiguous() else None
 
 
 def _show(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("r" if d == -1 else str(d) for d in shape) + "]"
 
 
-def linear_target(kind: str, in_local: int, out_local: int, write: Writer) -> LoRATarget:
-    return LoRATarget(KIND_GROUP[kind], (-1, in_local), (out_local, -1), write)
+def linear_target(kind: str, in_local: int, out_local: int, write: Writer,
+                  views: Views) -> LoRATarget:
+    return LoRATarget(KIND_GROUP[kind], (-1, in_local), (out_local, -1), write, views)
 
 
-def expert_target(kind: str, experts: int, in_local: int, out_local: int,
-                  write: Writer) -> LoRATarget:
-    return LoRATarget(KIND_GROUP[kind], (experts, -1, in_local), (experts, out_local, -1), write)
+def expert_target(kind: str, experts: int, in_local: int, out_local: int, write: Writer,
+                  views: Views) -> LoRATarget:
+    return LoRATarget(KIND_GROUP[kind], (experts, -1, in_local), (experts, out_local, -1),
+                      write, views)
 
 
-def embedding_target(vocab_local: int, hidden: int, write: Writer) -> LoRATarget:
-    return LoRATarget(KIND_GROUP["embed_tokens"], (-1, vocab_local), (hidden, -1), write)
+def embedding_target(vocab_local: int, hidden: int, write: Writer, views: Views) -> LoRATarget:
+    return LoRATarget(KIND_GROUP["embed_tokens"], (-1, vocab_local), (hidden, -1), write, views)

@@ -15,6 +15,7 @@ from lora_cluster.model.lora_slots import (
     LoRASlotTable,
     LoRATarget,
     ModuleKey,
+    Views,
     Writer,
     embedding_target,
     expert_target,
@@ -41,20 +42,26 @@ def lora_groups(spec: ModelSpec, parallel: ParallelInfo) -> tuple[str, ...]:
     return (*groups, "embed", "lm_head")
 
 
-def _slice_writer(lora: LinearLoRA | None, index: int) -> Writer:
+def _slice_writer(lora: LinearLoRA | None, index: int) -> tuple[Writer, Views]:
     assert lora is not None
 
     def write(slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         lora.write(slot, index, a, b, scaling)
-    return write
+
+    def views(slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return lora.views(slot, index, r)
+    return write, views
 
 
-def _part_writer(lora: ExpertLoRA | None, part: str) -> Writer:
+def _part_writer(lora: ExpertLoRA | None, part: str) -> tuple[Writer, Views]:
     assert lora is not None
 
     def write(slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         lora.write(slot, part, a, b, scaling)
-    return write
+
+    def views(slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return lora.views(slot, part, r)
+    return write, views
 
 
 def _linears(spec: ModelSpec, info: ParallelInfo, layer: int,
@@ -63,7 +70,7 @@ def _linears(spec: ModelSpec, info: ParallelInfo, layer: int,
     for kind, lora, index in items:
         shard = lora_target_shard(spec, info, layer, kind)
         out[(layer, kind)] = linear_target(kind, shard.in_local, shard.out_local,
-                                           _slice_writer(lora, index))
+                                           *_slice_writer(lora, index))
     return out
 
 
@@ -88,7 +95,7 @@ def build_slot_table(model: DecoderModel) -> LoRASlotTable:
                 kind = f"experts.{part}"
                 shard = lora_target_shard(spec, info, i, kind)
                 targets[(i, kind)] = expert_target(kind, len(moe.experts), shard.in_local,
-                                                   shard.out_local, _part_writer(moe.lora, part))
+                                                   shard.out_local, *_part_writer(moe.lora, part))
             if moe.shared is not None:
                 sh = moe.shared
                 targets.update(_linears(spec, info, i, [
@@ -99,10 +106,10 @@ def build_slot_table(model: DecoderModel) -> LoRASlotTable:
     emb_lora = model.embed_tokens.lora
     assert emb_lora is not None
     targets[(None, "embed_tokens")] = embedding_target(embed.in_local, embed.out_local,
-                                                       emb_lora.write)
+                                                       emb_lora.write, emb_lora.views)
     lm = lora_target_shard(spec, info, None, "lm_head")
     targets[(None, "lm_head")] = linear_target("lm_head", lm.in_local, lm.out_local,
-                                               _slice_writer(model.lm_head.lora, 0))
+                                               *_slice_writer(model.lm_head.lora, 0))
     skipped = frozenset(SHARED_EXPERT_KINDS) if (
         spec.shared_expert_intermediate_size and not holds_shared_expert(info)) else frozenset()
     clearers = [m.clear for m in model.modules()

@@ -78,13 +78,17 @@ class LinearLoRA(nn.Module):
         self.lora_a[:, slot].zero_()
         self.lora_b[slot].zero_()
 
+    def views(self, slot: int, index: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where slice ``index`` of ``slot`` keeps a rank-``r`` pair: a [r, in], b [out_i, r]."""
+        lo, hi = self.slice_offsets[index], self.slice_offsets[index + 1]
+        return self.lora_a[index, slot, :r], self.lora_b[slot, lo:hi, :r]
+
     def write(self, slot: int, index: int, a: torch.Tensor, b: torch.Tensor,
               scaling: float) -> None:
         """Slice ``index`` of ``slot`` ← a [r, in_local], b [out_i, r] · scaling."""
-        r = a.shape[0]
-        lo, hi = self.slice_offsets[index], self.slice_offsets[index + 1]
-        self.lora_a[index, slot, :r].copy_(_cast(a, self.lora_a), non_blocking=True)
-        self.lora_b[slot, lo:hi, :r].copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
+        a_dst, b_dst = self.views(slot, index, a.shape[0])
+        a_dst.copy_(_cast(a, self.lora_a), non_blocking=True)
+        b_dst.copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
 
 
 class EmbeddingLoRA(nn.Module):
@@ -109,11 +113,15 @@ class EmbeddingLoRA(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
+    def views(self, slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``slot`` keeps a rank-``r`` pair: a [r, V_local] (a transposed view), b [H, r]."""
+        return self.lora_a[slot, :, :r].T, self.lora_b[slot, :, :r]
+
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """``slot`` ← a [r, V_local] (PEFT lora_embedding_A), b [H, r] · scaling."""
-        r = a.shape[0]
-        self.lora_a[slot, :, :r].copy_(_cast(a, self.lora_a).T, non_blocking=True)
-        self.lora_b[slot, :, :r].copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
+        a_dst, b_dst = self.views(slot, a.shape[0])
+        a_dst.copy_(_cast(a, self.lora_a), non_blocking=True)
+        b_dst.copy_(_scaled(b, scaling, self.lora_b), non_blocking=True)
 
 
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -158,15 +166,19 @@ class ExpertLoRA(nn.Module):
         for buf in (self.a13, self.a2):
             buf[:, rows].zero_()
 
+    def views(self, slot: int, part: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``part`` of ``slot``'s experts keeps a rank-``r`` pair: a [E, r, in_local],
+        b [E, out_local, r] (gate and up B interleave per expert inside b13)."""
+        rows, inter = self._entries(slot), self.inter_local
+        if part == "down_proj":
+            return self.a2[0, rows, :r], self.b2[rows, :, :r]
+        index = EXPERT_PARTS.index(part)
+        return (self.a13[index, rows, :r],
+                self.b13[rows, index * inter:(index + 1) * inter, :r])
+
     def write(self, slot: int, part: str, a: torch.Tensor, b: torch.Tensor,
               scaling: float) -> None:
         """``part`` of every local expert ← a [E, r, in_local], b [E, out_local, r] · scaling."""
-        rows, r, inter = self._entries(slot), a.shape[1], self.inter_local
-        if part == "down_proj":
-            self.a2[0, rows, :r].copy_(_cast(a, self.a2), non_blocking=True)
-            self.b2[rows, :, :r].copy_(_scaled(b, scaling, self.b2), non_blocking=True)
-            return
-        index = EXPERT_PARTS.index(part)
-        self.a13[index, rows, :r].copy_(_cast(a, self.a13), non_blocking=True)
-        self.b13[rows, index * inter:(index + 1) * inter, :r].copy_(
-            _scaled(b, scaling, self.b13), non_blocking=True)
+        a_dst, b_dst = self.views(slot, part, a.shape[1])
+        a_dst.copy_(_cast(a, a_dst), non_blocking=True)
+        b_dst.copy_(_scaled(b, scaling, b_dst), non_blocking=True)
