@@ -163,3 +163,27 @@ def test_activation_benchmark_dry_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["card"] == "cpu" and report["correctness"]["ok"]
     assert report["decode"]["steps_per_mode"] > 0 and report["activation"]["bytes"] > 0
+
+
+def test_host_cache_entries_are_planned_at_load_not_at_activation(qwen3_moe_dir, adapters,
+                                                                  monkeypatch):
+    cfg = ClusterConfig(model=str(qwen3_moe_dir), device="cpu", dtype="float32", max_loras=2,
+                        max_cpu_loras=2, max_lora_rank=16, kv_cache_bytes=2 << 20,
+                        block_size=8, use_cuda_graphs=False)
+    rt = RankRuntime(cfg, ParallelInfo(), LocalComm())
+    run = Runner(rt)
+    try:
+        table = rt.model.slot_table
+        assert table is not None
+        run.command(LoadAdapter, name="a", version=1, path=adapters["a"])
+        entry = rt.host_cache[("a", 1)]
+        assert id(entry) in table._plans  # validated and planned when it entered the cache
+        checks = []
+        real = table._check
+        monkeypatch.setattr(table, "_check", lambda w: checks.append(w.name) or real(w))
+        for slot in (0, 1, 0):
+            run.command(PlaceAdapter, name="a", version=1, slot=slot)
+        assert checks == [] and rt.activator.stats()["activations"] == 3
+        assert run.score([0])[0].shape == run.score([1])[0].shape
+    finally:
+        rt.close()

@@ -207,6 +207,7 @@ class RankRuntime:
             else:
                 weights, breakdown = got[0], dict(got[1])
                 breakdown["read_ahead_wait"] = (time.perf_counter() - start) * 1e3
+            self.activator.prepare(weights)  # validated and planned once, not per activation
             # Nothing above touched the rank's state: a failed read leaves it as it was.
             self.host_cache[cmd.key] = weights
         finally:
@@ -237,6 +238,7 @@ class RankRuntime:
             if not cmd.final:
                 return None
             weights, breakdown = staged.finish()
+            self.activator.prepare(weights)  # validated and planned once, not per activation
         except BaseException:
             self._staging.pop(cmd.key, None)
             staged.close()

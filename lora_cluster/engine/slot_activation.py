@@ -74,6 +74,13 @@ class SlotActivator:
     def asynchronous(self) -> bool:
         return self.stream is not None
 
+    def prepare(self, weights: Any) -> None:
+        """Validate and plan a new host-cache entry now (typed errors as ``activate``), so
+        none of its activations pays for it; a no-op for models without a slot table."""
+        table = getattr(self.model, "slot_table", None)
+        if table is not None:
+            table.prepare(weights)
+
     def activate(self, slot: int, weights: Any) -> None:
         """Write ``weights`` into ``slot`` (validated first: a bad adapter leaves it intact)."""
         nbytes = int(getattr(weights, "nbytes", 0))

@@ -62,6 +62,9 @@ class LoRATarget:
     views: Views  # where a rank-r pair of ``slot`` lives, shaped like the adapter's a and b
 
 
+Checked = tuple[ModuleKey, LoRATarget, SlotTensors]  # a validated module and its target
+
+
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...], rank: int) -> bool:
     return len(shape) == len(expected) and all(
         s == (rank if e == -1 else e) for s, e in zip(shape, expected))
@@ -98,7 +101,7 @@ class LoRASlotTable:
         """Every module checked against its target; raises before anything is written."""
         return [(target, tensors) for _, target, tensors in self._check(weights)]
 
-    def _check(self, weights: SlotWeights) -> list[tuple[ModuleKey, LoRATarget, SlotTensors]]:
+    def _check(self, weights: SlotWeights) -> list[Checked]:
         plan = []
         for key, tensors in weights.modules.items():
             target = self.targets.get(key)
@@ -129,29 +132,44 @@ class LoRASlotTable:
         for clear in self._clearers:
             clear(slot)
 
+    def prepare(self, weights: SlotWeights) -> bool:
+        """Validate ``weights`` (typed errors as ``write``) and, if slot-ready, plan its writes
+        now — for a host-cache entry as it is created, so its first activation costs no more
+        than the others. Returns whether it was planned."""
+        return self._planned(weights)[0] is not None
+
     def write(self, slot: int, weights: SlotWeights) -> frozenset[str]:
         """Validate, write every module into ``slot`` and zero the rest of it; returns the
         groups the adapter has. A slot-ready entry is validated and planned on its first
         write only (the plan is kept while the entry lives and its modules stay the same)."""
-        modules = weights.modules
-        fingerprint = (tuple(modules), tuple(map(id, modules.values())), self.max_rank)
-        planned = self._plans.get(id(weights))
-        if planned is None or planned.fingerprint != fingerprint:
-            checked = self._check(weights)
-            if not self._slot_ready(checked):
-                self.clear(slot)
-                for _, target, t in checked:
-                    target.write(slot, t.a, t.b, float(t.scaling))
-                return frozenset(target.group for _, target, _ in checked)
-            planned = self._plan(checked, fingerprint)
-            self._remember(weights, planned)
+        planned, checked = self._planned(weights)
+        if planned is None:  # not slot-ready: cast and fold on the way, module by module
+            self.clear(slot)
+            for _, target, t in checked:
+                target.write(slot, t.a, t.b, float(t.scaling))
+            return frozenset(target.group for _, target, _ in checked)
         self.transfer.run(planned, self._dsts(slot, planned.dst_keys),
                           self._dsts(slot, planned.zero_dense),
                           self._dsts(slot, planned.zero_strided))
         return planned.groups
 
     # ---- planned writes ------------------------------------------------------------------
-    def _slot_ready(self, checked: list[tuple[ModuleKey, LoRATarget, SlotTensors]]) -> bool:
+    def _planned(self, weights: SlotWeights) -> tuple[PlannedWrite | None, list[Checked]]:
+        """The kept plan of ``weights`` or a new one; (None, its validated modules) when it is
+        not slot-ready. Raises the typed validation errors."""
+        modules = weights.modules
+        fingerprint = (tuple(modules), tuple(map(id, modules.values())), self.max_rank)
+        planned = self._plans.get(id(weights))
+        if planned is not None and planned.fingerprint == fingerprint:
+            return planned, []
+        checked = self._check(weights)
+        if not self._slot_ready(checked):
+            return None, checked
+        planned = self._plan(checked, fingerprint)
+        self._remember(weights, planned)
+        return planned, checked
+
+    def _slot_ready(self, checked: list[Checked]) -> bool:
         dtype = self._probe().dtype
         return all(t.a.dtype == dtype and t.b.dtype == dtype and float(t.scaling) == 1.0
                    for _, _, t in checked)
@@ -165,7 +183,7 @@ class LoRASlotTable:
             return
         self._plans[key] = planned
 
-    def _plan(self, checked: list[tuple[ModuleKey, LoRATarget, SlotTensors]],
+    def _plan(self, checked: list[Checked],
               fingerprint: tuple[Any, ...]) -> PlannedWrite:
         """Segments of a validated slot-ready entry, and the views it leaves to zero."""
         rank_max = self.max_rank
