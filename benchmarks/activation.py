@@ -17,8 +17,9 @@ rank holds them (``slot_ready``: packed into pinned pages). Measured, on one car
 
   pinned H2D     one large pinned host → device copy (CUDA events): the bandwidth ceiling
   activation     ``SlotActivator.activate`` on its side stream, nothing else running: device
-                 time (events around the write) → bytes/s; host time to issue it (the first
-                 write of an entry also validates and plans it: reported apart)
+                 time (events around the write) → bytes/s; host time to issue it. Entries
+                 are validated and planned when they enter the host cache (timed apart), the
+                 first write into a slot also builds that slot's views (reported apart)
   legacy         the same through the previous path (validate + clear + one copy per tensor
                  from per-tensor pinned copies), for comparison
   decode         decode steps of ``--batch`` sequences at a fixed context (CUDA graphs, as the
@@ -399,7 +400,8 @@ def table_rows(bandwidth: dict[str, Any], iso: dict[str, Any], decode: dict[str,
         ("activation / pinned bandwidth (goal ≥ 80 %)", f"{100 * ratio:.1f} %"),
         ("activation device ms / host issue ms (median)",
          f"{iso['device_ms_median']:.2f} / {iso['issue_ms_median']:.3f}"),
-        ("first write of an entry (validate + plan), host ms", f"{iso['first_issue_ms_max']:.2f}"),
+        ("validate + plan an entry at load / its first write (host ms)",
+         f"{iso['prepare_ms']:.2f} / {iso['first_issue_ms_max']:.2f}"),
     ]
     if legacy is not None:
         li = legacy["activation"]
@@ -452,6 +454,10 @@ def main() -> None:
     adapters = [make_adapter(model, f"ad{i}", a.rank, dtype, seed=i, pin=pin,
                              page_bytes=a.page_kb << 10) for i in range(4)]
     act = SlotActivator(model, device)
+    t1 = time.perf_counter()
+    for w in adapters:
+        act.prepare(w)  # as the rank does when an entry enters its host cache
+    prepare_ms = (time.perf_counter() - t1) * 1e3 / len(adapters)
     for slot in (0, 1):
         act.activate(slot, adapters[slot])
     act.synchronize()
@@ -464,6 +470,7 @@ def main() -> None:
 
     bandwidth = pinned_bandwidth(max(a.pinned_mb << 20, adapters[0].nbytes), device, a.reps)
     isolated = isolated_activation(act, adapters[2:], device, a.reps)
+    isolated["prepare_ms"] = prepare_ms
     dec = Decoder(model, spec, device, dtype, a.batch, a.context)
     decode = decode_rounds(dec, act, adapters[2:], a.steps, a.rounds)
     legacy = None

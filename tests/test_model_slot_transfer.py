@@ -69,15 +69,20 @@ def test_planned_write_equals_the_per_module_writers(fixture_cache, dtype, stage
     raw = {name: shard_adapter(build_adapter(model_dir, **kw).modules, model.spec,
                                ParallelInfo(), name=name) for name, kw in ADAPTERS.items()}
     packed = {name: entry(w, dtype, page_bytes=16 << 10) for name, w in raw.items()}
+    # Slot-ready but not packed (a tensor per storage; a strided A): planned all the same.
+    loose = {k: type(t)(t.a.to(dtype).mT.contiguous().mT, (t.b.float() * t.scaling).to(dtype), 1.0)
+             for k, t in raw["ragged"].modules.items()}
+    raw["loose"], packed["loose"] = raw["ragged"], AdapterWeights("loose", 0, R, loose)
     # Slot 0 by the per-module writers (file dtype, unfolded scale), slot 1 planned; each
     # sequence overwrites a bigger adapter with smaller ones, so stale padding would show.
-    for name in ("full", "ragged", "full", "attn", "ragged"):
+    for name in ("full", "ragged", "full", "attn", "ragged", "full", "loose"):
         model.set_lora_slot(0, raw[name])
         model.set_lora_slot(1, packed[name])
         assert name != "full" or torch.equal(model.slot_groups[:, 0], model.slot_groups[:, 1])
         for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
             assert torch.equal(want, got), name
-        assert model.slot_contents()[1] == (name, 0)
+        assert model.slot_contents()[1] == (packed[name].name, 0)
+        assert id(packed[name]) in table._plans  # the planned path wrote it
     full_plan = table._plans[id(packed["full"])]
     moe_layers = sum(1 for layer in model.decoder_layers() if layer.moe is not None)
     assert sum(1 for k in full_plan.dst_keys if k[0] == "pair") == moe_layers
@@ -150,7 +155,7 @@ def test_planned_write_on_the_model_device(fixture_cache, device):
     """The default transfer of the model's device (CUDA: pinned pages, staging, side-stream
     safe) writes what the per-module writers write."""
     model_dir = fixture_cache.model("qwen3_moe")
-    model = load_model(model_dir, device=device, max_loras=2, max_lora_rank=R)
+    model = load_model(model_dir, device=device, dtype="float32", max_loras=2, max_lora_rank=R)
     raw = shard_adapter(build_adapter(model_dir, targets=["all"], r=R, seed=8).modules,
                         model.spec, ParallelInfo(), name="x")
     packed = AdapterWeights("x", 0, R, slot_ready(raw.modules, torch.float32,
@@ -164,7 +169,8 @@ def test_planned_write_on_the_model_device(fixture_cache, device):
             model.set_lora_slot(1, packed)  # the staging buffer moves to another stream
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-    assert model.slot_table is not None
-    assert model.slot_table.transfer.staged == (device == "cuda")
+    table = model.slot_table
+    assert table is not None and id(packed) in table._plans  # the planned path ran
+    assert table.transfer.staged == (device == "cuda")
     for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
         assert torch.equal(want, got)

@@ -227,8 +227,12 @@ class LoRASlotTable:
         dkey = (*where, perm)
         dst = self._resolve(0, dkey)
         src = src.permute(perm)
-        return Segment(dkey, src, bool(src.is_contiguous() and dst is not None
-                                       and dst.is_contiguous()))
+        dense = bool(src.is_contiguous() and dst is not None and dst.is_contiguous())
+        if dense and dst is not None and src.stride() != dst.stride():
+            # Contiguous both, differing only on size-1 dims: the multi-tensor copy wants the
+            # strides equal, and on those dims they mean nothing.
+            src = src.as_strided(src.shape, dst.stride())
+        return Segment(dkey, src, dense)
 
     def _resolve(self, slot: int, dkey: DstKey) -> torch.Tensor | None:
         """The view a plan key names in ``slot`` (None: a gate/up pair that is not one block)."""

@@ -21,7 +21,8 @@ the last one that used it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ class Round:
     hi: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (a weak key of SlotTransfer)
 class PlannedWrite:
     """An entry's write plan; slot-independent, so one serves every slot."""
 
@@ -67,8 +68,6 @@ class PlannedWrite:
     zero_strided: list[DstKey]
     rounds: list[Round]
     staging_bytes: int
-    _staged: tuple[int, list[torch.Tensor], list[list[torch.Tensor]]] | None = field(
-        default=None, repr=False)  # (staging generation, staging src views, span targets)
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -162,7 +161,11 @@ class SlotTransfer:
         self.staged = device.type == "cuda" if staged is None else staged
         self.staging_bytes = staging_bytes
         self._staging: torch.Tensor | None = None  # uint8 [bytes] on the device
-        self._generation = 0
+        # Per plan: its segments' source views on the staging buffer and its spans' targets
+        # there (dropped with the plan, or all at once when the buffer is replaced).
+        self._views: weakref.WeakKeyDictionary[
+            PlannedWrite, tuple[list[torch.Tensor], list[list[torch.Tensor]]]] = \
+            weakref.WeakKeyDictionary()
         self._home: Any = None  # stream the staging buffer was allocated on (CUDA)
         self._last: tuple[Any, Any] | None = None  # (stream, event) of its last use (CUDA)
 
@@ -180,7 +183,7 @@ class SlotTransfer:
             torch._foreach_zero_(zero_dense)
         if zero_strided:
             torch._foreach_zero_(zero_strided)
-        if not self.staged:
+        if not self.staged or not plan.rounds:
             self._copy(plan, dsts, plan.srcs)
             return
         srcs, span_dsts = self._staged_views(plan)
@@ -208,9 +211,9 @@ class SlotTransfer:
     def _staged_views(self, plan: PlannedWrite
                       ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         staging = self._acquire(plan.staging_bytes)
-        cached = plan._staged
-        if cached is not None and cached[0] == self._generation:
-            return cached[1], cached[2]
+        cached = self._views.get(plan)
+        if cached is not None:
+            return cached
         typed: dict[torch.dtype, torch.Tensor] = {}
         srcs = []
         for src, off in zip(plan.srcs, plan.src_offsets):
@@ -220,7 +223,7 @@ class SlotTransfer:
             srcs.append(flat.as_strided(src.shape, src.stride(), off // src.element_size()))
         spans = [[staging[at:at + host.numel()] for host, at in rnd.spans]
                  for rnd in plan.rounds]
-        plan._staged = (self._generation, srcs, spans)
+        self._views[plan] = (srcs, spans)
         return srcs, spans
 
     def _acquire(self, nbytes: int) -> torch.Tensor:
@@ -231,9 +234,9 @@ class SlotTransfer:
         if self._staging is None or self._staging.numel() < nbytes:
             if self._last is not None:
                 self._last[1].synchronize()  # rare (a larger entry): let the old one go idle
+            self._views.clear()  # the old buffer's views: it can go
             self._staging = None
             self._staging = torch.empty(_align(nbytes), dtype=torch.uint8, device=self.device)
-            self._generation += 1
             self._home = stream
         elif cuda and stream != self._home:
             self._staging.record_stream(stream)  # freeing it waits for this stream too
