@@ -148,6 +148,9 @@ class SlotActivator:
                                "bytes_activated": self.bytes_activated,
                                "step_waits": self.step_waits, "issue_ms": self.host_ms,
                                "pending_slots": self.pending()}
+        table = getattr(self.model, "slot_table", None)
+        if table is not None:
+            out["staging_bytes"] = table.transfer.staging_nbytes  # device buffer of the copies
         done = self.finished_timings()
         if done:
             total_bytes, total_ms = sum(n for n, _ in done), sum(ms for _, ms in done)
