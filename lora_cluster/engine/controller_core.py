@@ -86,7 +86,8 @@ class ControllerCore:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             context_limit=self.context_limit, eos_token_ids=eos_ids(spec, tokenizer),
-            watermark_blocks=self.group_info.num_kv_blocks // 100), self.adapters)
+            watermark_blocks=self.group_info.num_kv_blocks // 100,
+            prefill_batching=config.prefill_batching()), self.adapters)
         # A group that cannot read ahead (test doubles) gets no prefetch.
         self.prefetcher = Prefetcher(self.adapters, self._lock, lambda: self.scheduler.waiting,
                                      getattr(rank_group, "prefetch", None),

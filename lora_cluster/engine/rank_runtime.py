@@ -317,6 +317,7 @@ class RankRuntime:
             "live_sequences": self.runner.num_live_seqs,
             "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            **self.runner.stats(),
             "steps": self.steps,
         }
 
