@@ -12,16 +12,20 @@ from functools import lru_cache
 
 import torch
 
-# Thresholds of the newer launch paths. They await the H100 measurement of
-# `benchmarks/kernels.py --candidates` (results/kernels_candidates_h100.json): set them
-# from that table. PERSISTENT_MAX_ROWS: the single-launch persistent path (split-K shrink,
-# grid barrier, expand; `triton_persistent`) serves shapes up to this many rows, the
-# measured-best split/fused choices stay above it (0 disables it). PERSISTENT_PROGRAMS:
-# its grid, 0 = one program per SM. SPLIT_PDL: the split path launches its expand with
-# programmatic dependent launch (Hopper+), hiding the second launch behind the shrink.
-PERSISTENT_MAX_ROWS = 64
+# Thresholds of the newer launch paths, set from the H100 measurement
+# (`benchmarks/kernel_candidates.py` → results/kernels_candidates_h100.json, docs/KERNELS.md v5).
+# PERSISTENT_MAX_ROWS: the single-launch persistent path (split-K shrink, grid barrier,
+# expand; `triton_persistent`) serves shapes up to this many rows; 0 disables it — measured
+# 1.15-3.3x slower than the split path at every candidate shape (the grid barrier costs more
+# than the second launch it saves). PERSISTENT_PROGRAMS: its grid, 0 = one program per SM.
+# SPLIT_PDL_MAX_ROWS / SPLIT_PDL_MAX_ROWS_1SLICE: the split path launches its expand with
+# programmatic dependent launch (Hopper+) up to this many rows (multi-slice / single-slice
+# layers): measured 0.84-0.98x of the plain split at T <= 256 and dense T = 1024, but
+# 1.05-1.19x on GQA qkv at T >= 1024.
+PERSISTENT_MAX_ROWS = 0
 PERSISTENT_PROGRAMS = 0
-SPLIT_PDL = False
+SPLIT_PDL_MAX_ROWS = 512
+SPLIT_PDL_MAX_ROWS_1SLICE = 1024
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,8 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     split = _choose_split(rows, n, j, slices)
     if split is not None and rows <= PERSISTENT_MAX_ROWS:
         return persistent_from_split(split, j)
-    if split is not None and SPLIT_PDL:
+    if split is not None and rows <= (SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1
+                                      else SPLIT_PDL_MAX_ROWS):
         split = replace(split, pdl=True)
     if split is not None:
         # Large ranks: shrink the K tile until the pipelined x and A tiles fit.
