@@ -62,7 +62,7 @@ def test_read_ahead_dedups_bounds_waits_and_survives_bad_reads() -> None:
     ra: ReadAhead[str] = ReadAhead(read, capacity=3, resident=lambda k: k in resident)
     assert ra.offer([_hint("bad"), _hint("a"), _hint("a"), _hint("cached")]) == 2
     deadline = time.monotonic() + 5
-    while not all(f.done() for f in ra._entries.values()) and time.monotonic() < deadline:
+    while not all(e.future.done() for e in ra._entries.values()) and time.monotonic() < deadline:
         time.sleep(0.005)
     # A failed read is reported as "retried" (the caller reads again); others are untouched.
     assert ra.take(("bad", 1)) == (None, "retried")
@@ -89,6 +89,26 @@ def test_read_ahead_dedups_bounds_waits_and_survives_bad_reads() -> None:
     assert stats["hits"] == 1 and stats["waited"] == 1 and stats["retried"] == 1
     ra.close()
     assert ra.offer([_hint("late")]) == 0
+
+
+def test_read_ahead_reads_only_between_commands() -> None:
+    reads: list[str] = []
+    ra: ReadAhead[str] = ReadAhead(lambda p, n, v: reads.append(n) or n, capacity=4,
+                                   idle_wait_s=5.0)
+    with ra.busy():  # a command runs: the hinted reads wait for the gap after it
+        ra.offer([_hint("a"), _hint("b")])
+        time.sleep(0.05)
+        assert reads == []
+        # Taken before its read began: the load reads it itself, and it is never read here.
+        assert ra.take(("a", 1)) == (None, "none")
+        ra.done(("a", 1))
+    deadline = time.monotonic() + 5
+    while "b" not in reads and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    assert reads == ["b"] and ra.take(("b", 1)) == ("b", "hit")
+    assert ra.stats()["not_started"] == 1
+    ra.close()
 
 
 def test_read_ahead_depth() -> None:
@@ -140,63 +160,45 @@ def test_plan_evicts_only_unheld_off_device_unwanted_entries(qwen3_moe_dir: Path
     ac.acquire("a0", None)  # a running request holds a0's slot
     ac._place_locked(("a1", 1))  # a1 on the device, unheld
     ac.tiers.pin(tier_id(("a2", 1)))  # a user pin
-    lock = threading.RLock()
-    sent: list[tuple[ReadAheadHint, ...]] = []
-    pf = Prefetcher(ac, lock, lambda: [], sent.append, depth=read_ahead_depth(2, 6))
-    try:
-        ranks.commands.clear()
-        with lock:
-            hints = pf.plan_locked(_waiting(["a3", "a6", "a7", "a8", "a9"]))
-        # a3 is host-resident and wanted: kept. Victims: a4 then a5 (LRU, unheld, off the
-        # device). a8 finds none left (a0 running, a1 on the device, a2 pinned, a3 wanted,
-        # a6/a7 read ahead): prefetch stops instead of evicting more.
-        assert [h.name for h in hints] == ["a6", "a7"]
-        assert list(ac.prefetch.queued_drops) == [("a4", 1), ("a5", 1)]
-        assert ranks.commands == []  # nothing sent: planning never touches the stream
-        assert ac.residency_of(ac.record("a6")) == "loading"
-        # The admission confirms a6: the victims' drops go first, then the load (a hit).
-        with lock:
-            ac.acquire("a6", None)
-        kinds = [(type(c).__name__, getattr(c, "name", None)) for c in ranks.commands]
-        assert kinds[:3] == [("DropAdapter", "a4"), ("DropAdapter", "a5"),
-                             ("LoadAdapter", "a6")]
-        assert ac.residency_of(ac.record("a6")) == "device"
-        # a7's requests went away: its entry is given back (wasted); a8 is read ahead, and
-        # still no pinned or running adapter is touched.
-        with lock:
-            hints = pf.plan_locked(_waiting(["a8"]))
-        assert [h.name for h in hints] == ["a8"]
-        dropped = {k[0] for k in ac.prefetch.queued_drops}
-        assert "a7" in dropped and not dropped & {"a0", "a2", "a6"}
-        assert ac.tiers.in_host(tier_id(("a2", 1))) and ac.tiers.slot_of(tier_id(("a0", 1))) is not None
-        stats = pf.stats()
-        assert (stats["issued"], stats["hits"], stats["wasted"], stats["pending"]) == (3, 1, 1, 1)
-        assert len(ac.tiers.host_names()) <= 6
-    finally:
-        pf.close()
+    pf = Prefetcher(ac, depth=read_ahead_depth(2, 6))
+    ranks.commands.clear()
+    hints = pf.plan_locked(_waiting(["a3", "a6", "a7", "a8", "a9"]))
+    # a3 is host-resident and wanted: kept. Victims: a4 then a5 (LRU, unheld, off the
+    # device). a8 finds none left (a0 running, a1 on the device, a2 pinned, a3 wanted,
+    # a6/a7 read ahead): prefetch stops instead of evicting more.
+    assert [h.name for h in hints] == ["a6", "a7"]
+    assert list(ac.prefetch.queued_drops) == [("a4", 1), ("a5", 1)]
+    assert ranks.commands == []  # nothing sent: planning never touches the stream
+    assert ac.residency_of(ac.record("a6")) == "loading"
+    # The admission confirms a6: the victims' drops go first, then the load (a hit).
+    ac.acquire("a6", None)
+    kinds = [(type(c).__name__, getattr(c, "name", None)) for c in ranks.commands]
+    assert kinds[:3] == [("DropAdapter", "a4"), ("DropAdapter", "a5"),
+                         ("LoadAdapter", "a6")]
+    assert ac.residency_of(ac.record("a6")) == "device"
+    # a7's requests went away: its entry is given back (wasted); a8 is read ahead, and
+    # still no pinned or running adapter is touched.
+    hints = pf.plan_locked(_waiting(["a8"]))
+    assert [h.name for h in hints] == ["a8"]
+    dropped = {k[0] for k in ac.prefetch.queued_drops}
+    assert "a7" in dropped and not dropped & {"a0", "a2", "a6"}
+    assert ac.tiers.in_host(tier_id(("a2", 1))) and ac.tiers.slot_of(tier_id(("a0", 1))) is not None
+    stats = pf.stats()
+    assert (stats["issued"], stats["hits"], stats["wasted"], stats["pending"]) == (3, 1, 1, 1)
+    assert len(ac.tiers.host_names()) <= 6
 
 
 def test_plan_stays_within_depth(qwen3_moe_dir: Path) -> None:
     ac, _ = _control(qwen3_moe_dir, [f"a{i}" for i in range(10)])
-    lock = threading.RLock()
-    pf = Prefetcher(ac, lock, lambda: [], lambda hints: None, depth=3)
-    try:
-        with lock:
-            first = pf.plan_locked(_waiting([f"a{i}" for i in range(10)]))
-            again = pf.plan_locked(_waiting([f"a{i}" for i in range(10)]))
-        assert [h.name for h in first] == ["a0", "a1", "a2"] and again == ()
-        assert not ac.prefetch.queued_drops  # room was free: nothing evicted
-    finally:
-        pf.close()
+    pf = Prefetcher(ac, depth=3)
+    first = pf.plan_locked(_waiting([f"a{i}" for i in range(10)]))
+    again = pf.plan_locked(_waiting([f"a{i}" for i in range(10)]))
+    assert [h.name for h in first] == ["a0", "a1", "a2"] and again == ()
+    assert not ac.prefetch.queued_drops  # room was free: nothing evicted
+    assert Prefetcher(ac, depth=0).plan_locked(_waiting(["a5"])) == ()
 
 
 # ==================================================================== real ranks
-class NoReadAheadGroup(LocalRankGroup):
-    """A local group without ``prefetch``: the controller loads on admission, as before."""
-
-    prefetch = None  # type: ignore[assignment]
-
-
 def _config(model_dir: Path, **overrides: Any) -> ClusterConfig:
     options: dict[str, Any] = {
         "model": str(model_dir), "device": "cpu", "dtype": "float32", "max_loras": 2,
@@ -222,7 +224,7 @@ def test_prefetch_serves_loads_with_identical_outputs(fixture_cache: Any,
     names = list(sources) * 2
     spec = load_model_spec(qwen3_moe_dir)
     cfg = _config(qwen3_moe_dir)
-    plain = ControllerCore(cfg, spec, NoReadAheadGroup(cfg))
+    plain = ControllerCore(cfg, spec, LocalRankGroup(cfg), prefetch_depth=0)
     try:
         plain.register_adapters(sources)
         expected = _run(plain, names)
@@ -296,7 +298,8 @@ def test_prefetch_through_ray(ray_session: Any, fixture_cache: Any, qwen3_moe_di
     names = list(sources) * 2
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     cfg = _config(qwen3_moe_dir)
-    plain = ControllerCore(cfg, load_model_spec(qwen3_moe_dir), NoReadAheadGroup(cfg))
+    plain = ControllerCore(cfg, load_model_spec(qwen3_moe_dir), LocalRankGroup(cfg),
+                           prefetch_depth=0)
     try:
         plain.register_adapters(sources)
         expected = _run(plain, names)

@@ -16,7 +16,7 @@ import ray
 import torch
 
 from lora_cluster.config import ClusterConfig
-from lora_cluster.engine.messages import RankReply, ReadAheadHint, Shutdown, Step, StepResult
+from lora_cluster.engine.messages import RankReply, Shutdown, Step, StepResult
 from lora_cluster.errors import ClusterError, LoRAClusterError
 from lora_cluster.model.parallel import LocalComm, ParallelInfo
 
@@ -114,11 +114,6 @@ class RankActorImpl:
         """Hand over (and forget) one held logits tensor."""
         with self._lock:
             return self._payloads.pop(key)
-
-    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> int:
-        """Start background reads of hinted adapter versions (beside ``run()``'s stream)."""
-        runtime = self.runtime
-        return runtime.prefetch(hints) if runtime is not None else 0
 
     def stats(self) -> dict[str, Any]:
         return self.runtime.stats() if self.runtime is not None else {"rank": self.parallel.rank}

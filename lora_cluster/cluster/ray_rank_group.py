@@ -19,7 +19,6 @@ from lora_cluster.engine.messages import (
     AdapterCommand,
     GroupInfo,
     RankReply,
-    ReadAheadHint,
     Shutdown,
     Step,
     StepResult,
@@ -107,15 +106,6 @@ class RayRankGroup:
         replies = self._collect(seq, self.config.world_size, max(self.config.step_timeout_s, 300.0))
         out: dict[int, RankReply] = {r.rank: r.value for r in replies}
         return tuple(out[rank] for rank in range(self.config.world_size))
-
-    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> None:
-        """Read-ahead hints by actor call, beside the command stream: fire and forget (the
-        rank actor's spare concurrency slots take them while ``run()`` executes steps)."""
-        for actor in list(self._actors):
-            try:
-                actor.prefetch.remote(hints)
-            except Exception:  # a dead actor during a restart: the hint is simply lost
-                continue
 
     def _publish(self, command: Any) -> int:
         if self._pub is None:

@@ -9,9 +9,10 @@ queue (submit, cancel, list_adapters, stats) take ``_lock`` alone and never wait
 forward step (they can wait for a transparent adapter reload, which the scheduler performs
 between steps under ``_lock``).
 Results are delivered through ``RequestHandle`` objects; nothing waits while holding a lock.
-A prefetch thread (``engine/prefetch.py``), woken by submits and steps, takes ``_lock`` alone
-to admit waiting requests' adapters to the host tier ahead of use and sends read-ahead hints
-to the ranks with no lock held: disk reads happen beside steps, never under ``_exec``.
+Prefetch (``engine/prefetch.py``): after each ``schedule()`` the step loop admits the next
+waiting requests' adapters to the host tier ahead of use (bookkeeping only) and the step
+carries read-ahead hints; the ranks read them on reader threads between commands, so disk
+reads happen beside steps, never under ``_exec``.
 
 Rank failure: a step that raises ClusterError makes the core restart the rank group, reload
 the adapters that were resident, and re-run in-flight requests from their tokens so far
@@ -62,7 +63,7 @@ class ControllerCore:
     """Registry, tiers, scheduler and step loop of one replica, driving a ``RankGroup``."""
 
     def __init__(self, config: ClusterConfig, spec: ModelSpec, rank_group: RankGroup,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, *, prefetch_depth: int | None = None) -> None:
         self.config = config
         self.spec = spec
         self.group = rank_group
@@ -88,10 +89,9 @@ class ControllerCore:
             context_limit=self.context_limit, eos_token_ids=eos_ids(spec, tokenizer),
             watermark_blocks=self.group_info.num_kv_blocks // 100,
             prefill_batching=config.prefill_batching()), self.adapters)
-        # A group that cannot read ahead (test doubles) gets no prefetch.
-        self.prefetcher = Prefetcher(self.adapters, self._lock, lambda: self.scheduler.waiting,
-                                     getattr(rank_group, "prefetch", None),
-                                     read_ahead_depth(config.max_loras, config.max_cpu_loras))
+        # None: as deep as the ranks' read-ahead buffers (0 turns prefetch off).
+        self.prefetcher = Prefetcher(self.adapters, read_ahead_depth(
+            config.max_loras, config.max_cpu_loras) if prefetch_depth is None else prefetch_depth)
         self._handles: dict[int, tuple[Seq, RequestHandle]] = {}
         self._counters: collections.Counter[str] = collections.Counter()
         self._window: collections.deque[tuple[float, int]] = collections.deque()
@@ -215,7 +215,6 @@ class ControllerCore:
             seq = Seq(seq_id=next(self._ids), prompt_ids=tuple(ids), sampling=sampling,
                       adapter_name=adapter, seed=seed, score=score)
             self.scheduler.add(seq)
-            self.prefetcher.wake()
             handle = RequestHandle(seq.seq_id, self.cancel)
             self._handles[seq.seq_id] = (seq, handle)
             self._cv.notify_all()
@@ -320,11 +319,15 @@ class ControllerCore:
                 self.adapters.flush_drops_locked()
                 step = self.scheduler.schedule()
                 self._publish(self.scheduler.take_events())
-                self.prefetcher.wake()  # the queue moved on: read ahead while this step runs
-            if step is None:
-                return False
+                if step is None:
+                    return False
+                # The queue moved on: the ranks read its next adapters beside this step.
+                hints = self.prefetcher.plan_locked(self.scheduler.waiting)
+                if self.adapters.prefetch.queued_drops:
+                    self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
             try:
-                result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan))
+                result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan,
+                                                 read_ahead=hints))
             except ClusterError as err:
                 self._recover(step, err)
                 return True
@@ -450,6 +453,5 @@ class ControllerCore:
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        self.prefetcher.close()
         with self._exec:
             self.group.close()

@@ -4,9 +4,9 @@ The controller numbers each command (``seq``, strictly increasing); a rank refus
 that does not follow the last one it ran, so a step can never run against a different adapter
 state than the controller planned. Per-step messages are small: a decode sends only its new
 token, its position and the KV blocks appended since the last step — never histories.
-Read-ahead hints (``ReadAheadHint``) are the one thing outside the stream: they change no
-state the controller mirrors (a rank reads into a side buffer that only a later, ordered
-``LoadAdapter`` takes from), so they need no place in it and never wait for a step.
+A step also carries read-ahead hints (``ReadAheadHint``): adapter versions the rank starts
+reading into a side buffer on a reader thread; they change no state the controller mirrors
+(only a later, ordered ``LoadAdapter`` takes from that buffer), so they cost the step nothing.
 No torch here: messages cross process boundaries as plain picklable dataclasses.
 """
 
@@ -113,8 +113,8 @@ class LoadAdapter(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class ReadAheadHint:
-    """Start reading this adapter version into the rank's read-ahead buffer now (not a
-    ``Command``: sent beside the stream, fire and forget, see the module docstring)."""
+    """Start reading this adapter version into the rank's read-ahead buffer (rides on a
+    ``Step``; see the module docstring)."""
 
     name: str
     version: int
@@ -180,9 +180,10 @@ class DropAdapter(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class Step(Command):
-    """Run one forward step."""
+    """Run one forward step; start the background reads of ``read_ahead`` first."""
 
     plan: StepPlan
+    read_ahead: tuple[ReadAheadHint, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,9 +10,9 @@ for each current adapter version there that is not host-resident it
    making room only by evicting an entry that is unheld (not pinned, not used by a running
    request), off the device, not read ahead itself and not wanted by the look-ahead: one
    victim per version, and when no entry qualifies it stops rather than evict more;
-2. queues the victims' ``DropAdapter`` (sent before the next command under the exec lock);
-3. sends every rank a ``ReadAheadHint`` beside the command stream (``RankGroup.prefetch``);
-   the ranks' reader threads read it while steps run (``engine/read_ahead.py``).
+2. queues the victims' ``DropAdapter`` (sent before the next command that needs the room);
+3. returns a ``ReadAheadHint`` for it, which rides on the step about to run: every rank's
+   reader thread reads it in the gaps between commands (``engine/read_ahead.py``).
 
 On admission ``AdapterControl`` sends the usual ``LoadAdapter``, which *confirms* the version:
 each rank takes what it read (or joins the read in flight); if the read-ahead failed or was
@@ -22,77 +22,37 @@ At most ``depth`` versions wait for confirmation at once (``read_ahead_depth``: 
 within the host entries the slots leave over); one that no request within ``STALE_WINDOW``
 × depth of the queue head wants any more (its requests were cancelled) is dropped again.
 
-Threading: one daemon thread, woken by ``wake()`` (a new request; each step's admissions). It
-plans under the state lock only — never the exec lock — and sends the hints with no lock
-held, so it never delays a step. A hint that races a rank-group restart lands in a fresh
-rank's buffer as a wasted read (bounded by the buffer); nothing mirrored depends on hints.
-A rank group without ``prefetch`` (test doubles) gets no prefetch.
+Where it runs: in the step loop right after ``schedule()`` (both locks held), as plain
+bookkeeping over at most ``STALE_WINDOW × depth`` queued requests — tens of microseconds; the
+disk reads themselves never run under a lock or on the step path. Hints ride on the ``Step``
+(no extra message, no extra thread: on a host whose steps are Python-bound, a separate hint
+channel — an actor call per hint, a planning thread — measurably slowed the steps). A request
+admitted in the same step it arrived loads on admission, as without prefetch; the look-ahead
+covers every request that waits at least one step.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.messages import AdapterKey, ReadAheadHint
 from lora_cluster.engine.sequence import Sequence
 
-logger = logging.getLogger("lora_cluster.engine")
-SendHints = Callable[[tuple[ReadAheadHint, ...]], Any]
 STALE_WINDOW = 4  # an admitted version no request among the first 4 × depth wants is dropped
 
 
 class Prefetcher:
-    """Plans read-ahead for the waiting queue and sends the hints (see module docstring)."""
+    """Plans read-ahead for the waiting queue, step by step (see module docstring)."""
 
-    def __init__(self, adapters: AdapterControl, lock: threading.RLock,
-                 waiting: Callable[[], Iterable[Sequence]], send: SendHints | None,
-                 depth: int) -> None:
+    def __init__(self, adapters: AdapterControl, depth: int) -> None:
         self.adapters = adapters
-        self.depth = depth if send is not None else 0
-        self._lock = lock
-        self._waiting = waiting
-        self._send = send
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        if self.depth > 0:
-            self._thread = threading.Thread(target=self._loop, name="lora-cluster-prefetch",
-                                            daemon=True)
-            self._thread.start()
-
-    def wake(self) -> None:
-        """The waiting queue changed: plan again (cheap; wakes coalesce)."""
-        self._wake.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self.depth = max(0, depth)
 
     def stats(self) -> dict[str, int]:
         """Prefetch counters (``prefetch_book``) and the look-ahead depth (caller holds lock)."""
         return {**self.adapters.prefetch.as_dict(), "depth": self.depth}
-
-    def _loop(self) -> None:
-        assert self._send is not None
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                with self._lock:
-                    hints = self.plan_locked(self._waiting())
-                if hints:
-                    self._send(hints)
-            except Exception:  # prefetch is an optimization: a failure costs step-path loads
-                logger.exception("prefetch planning failed; requests load on admission")
 
     # ---------------------------------------------------------------- planning
     def plan_locked(self, waiting: Iterable[Sequence]) -> tuple[ReadAheadHint, ...]:
@@ -103,19 +63,22 @@ class Prefetcher:
         ac, book = self.adapters, self.adapters.prefetch
         queue = list(itertools.islice(waiting, STALE_WINDOW * self.depth))
         wanted = self._wanted(queue[:self.depth])
-        still_wanted = set(wanted) | set(self._wanted(queue[self.depth:]))
-        for key in [k for k in book.admitted if k not in still_wanted]:
-            self._evict(tier_id(key))  # its requests are gone: give the entry back
+        if book.admitted:
+            still_wanted = set(wanted) | set(self._wanted(queue[self.depth:]))
+            for key in [k for k in book.admitted if k not in still_wanted]:
+                self._evict(tier_id(key))  # its requests are gone: give the entry back
+        todo = [(k, p) for k, p in wanted.items() if not ac.tiers.in_host(tier_id(k))
+                and k not in ac.staging and k not in book.queued_drops]
+        if not todo:
+            return ()
         names = ac.tiers.host_names()  # least recently used first
         free = ac.tiers.max_cpu_loras - len(names)
         victims = self._victims(names, keep={tier_id(k) for k in wanted})
         hints = []
-        for key, path in wanted.items():
+        for key, path in todo:
             tid = tier_id(key)
             if len(book.admitted) >= self.depth:
                 break
-            if ac.tiers.in_host(tid) or key in ac.staging or key in book.queued_drops:
-                continue
             if free > 0:
                 free -= 1
             else:

@@ -2,8 +2,7 @@
 
 The Ray layer implements ``RankGroup`` over rank actors and the command stream; tests and
 single-process tools use ``LocalRankGroup``, which runs a ``RankRuntime`` in this process.
-Every command goes to every rank in the order the controller issues it. Read-ahead hints
-(``prefetch``) are the exception: fire and forget, beside the stream (see ``messages``).
+Every command goes to every rank in the order the controller issues it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from lora_cluster.engine.messages import (
     LoadResult,
     PlaceResult,
     RankReply,
-    ReadAheadHint,
     Shutdown,
     Step,
     StepResult,
@@ -52,11 +50,6 @@ class RankGroup(Protocol):
 
     def restart(self) -> GroupInfo:
         """Replace every rank with a fresh one: empty host caches, slots and KV caches."""
-        ...
-
-    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> None:
-        """Ask every rank to start reading these adapter versions in the background; returns
-        at once, from any thread, and never raises (a lost hint costs only a later read)."""
         ...
 
     def close(self) -> None:
@@ -118,11 +111,6 @@ class LocalRankGroup:
         self.close()
         self.runtime = RankRuntime(self.config, self.parallel, LocalComm())
         return self.describe()
-
-    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> None:
-        runtime = self.runtime  # read once: a restart may swap it meanwhile
-        if runtime is not None:
-            runtime.prefetch(hints)
 
     def stats(self) -> list[dict[str, object]]:
         """Each rank's own report."""

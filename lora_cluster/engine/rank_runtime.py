@@ -11,10 +11,12 @@ memory after the weights and LoRA slots are allocated (CUDA), or on CPU of
 else, so it never claims a fraction of all RAM. Either way the cache is capped at what
 ``max_num_seqs`` sequences of full context could ever use.
 
-Read-ahead: ``prefetch(hints)`` (any thread, beside the stream) starts reading adapter versions
-into a side buffer (``engine/read_ahead.py``) on reader threads; a later ``LoadAdapter`` takes
-the entry instead of reading on the command path. The host cache itself changes only through
-the stream. The controller counts read-ahead versions in its host tier and drops a victim for
+Read-ahead: a ``Step``'s hints start reading adapter versions into a side buffer
+(``engine/read_ahead.py``) on a reader thread, which starts a read only while this rank is
+between commands (or after ``READ_AHEAD_IDLE_WAIT_S`` of waiting for a gap): on a host whose
+steps are Python-bound, a read contending with the forward for the GIL would cost the step
+what it saved. A later ``LoadAdapter`` takes the entry instead of reading on the command path;
+the host cache itself changes only through the stream. The controller counts read-ahead versions in its host tier and drops a victim for
 each (the drop comes with its next command), so cache plus buffer stay within
 ``max_cpu_loras``; the buffer's own bound (``read_ahead_depth``) caps the overlap meanwhile.
 """
@@ -38,7 +40,6 @@ from lora_cluster.engine.messages import (
     LoadResult,
     PlaceAdapter,
     PlaceResult,
-    ReadAheadHint,
     Shutdown,
     Step,
     StepResult,
@@ -57,6 +58,7 @@ CPU_KV_BASE_BYTES = 2 << 30
 # Reader threads per rank: reads are short (ms) and mostly memory copies; one keeps up with
 # a step's admissions and leaves the cores to the forward.
 READ_AHEAD_WORKERS = 1
+READ_AHEAD_IDLE_WAIT_S = 0.05  # a read starts after this long even if no gap came
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,7 +118,7 @@ class RankRuntime:
         self.load_stats: dict[AdapterKey, LoadResult] = {}
         self.read_ahead: ReadAhead[tuple[AdapterWeights, dict[str, float]]] = ReadAhead(
             self._read, capacity=read_ahead_depth(config.max_loras, config.max_cpu_loras),
-            workers=READ_AHEAD_WORKERS,
+            workers=READ_AHEAD_WORKERS, idle_wait_s=READ_AHEAD_IDLE_WAIT_S,
             resident=lambda key: key in self.host_cache or key in self._staging)
         self._last_seq = -1
         self._closed = False
@@ -147,8 +149,14 @@ class RankRuntime:
                 f"rank {self.parallel.rank}: command {command.seq} arrived after "
                 f"{self._last_seq} (the stream must be strictly ordered)", rank=self.parallel.rank)
         self._last_seq = command.seq
+        with self.read_ahead.busy():  # no read starts while a command runs
+            return self._dispatch(command)
+
+    def _dispatch(self, command: AnyCommand) -> StepResult | LoadResult | PlaceResult | None:
         if isinstance(command, Step):
             self.steps += 1
+            if command.read_ahead:
+                self.read_ahead.offer(command.read_ahead)
             # Only this step's own adapters: a slot still being written elsewhere is not waited on.
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
             return self.runner.run(command.plan, command.seq)
@@ -188,11 +196,6 @@ class RankRuntime:
         else:
             breakdown["convert"] += ms
         return weights, breakdown
-
-    def prefetch(self, hints: tuple[ReadAheadHint, ...]) -> int:
-        """Start reading hinted adapter versions on the reader threads (any thread, beside
-        the command stream); returns how many reads started."""
-        return 0 if self._closed else self.read_ahead.offer(hints)
 
     def _load(self, cmd: LoadAdapter) -> LoadResult:
         if cmd.key in self.host_cache:

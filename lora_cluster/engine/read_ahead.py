@@ -5,9 +5,12 @@ Only hints (``messages.ReadAheadHint``) fill it, and nothing the controller mirr
 when they do: the host cache gains an entry only when a load command takes one. So a hint may
 arrive late, twice, or for a version dropped meanwhile — the worst it costs is a wasted read.
 
-Threads: ``offer`` runs on any thread (the Ray actor's hint call, the controller's prefetch
-thread in-process); ``take``/``done``/``discard`` on the rank's command thread; reads on the
-pool's threads. One lock guards the buffer; no read and no wait happens under it.
+Threads: ``offer``/``take``/``done``/``discard``/``busy`` run on the rank's command thread
+(``offer`` is safe from any thread); reads on the pool's threads. One lock guards the buffer;
+no read and no wait happens under it. A reader starts a read only while no command runs
+(``busy``), or after waiting ``idle_wait_s`` for such a gap: on a host whose steps are
+Python-bound, a read contending with a step for the GIL costs the step what it saved. A read
+a load takes before it started is not read twice: the load reads it itself.
 
 Bounds: at most ``capacity`` entries (read, in flight or queued); the oldest goes first to
 make room (counted ``wasted``). A failed read stays an entry that ``take`` answers with
@@ -17,9 +20,10 @@ have without read-ahead. A failure never stops the pool or touches other entries
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -36,6 +40,18 @@ Reader = Callable[[str, str, int], T]  # (path, name, version) → what the host
 _COUNTS = ("offered", "started", "hits", "waited", "not_started", "retried", "wasted")
 
 
+class _Entry(Generic[T]):
+    """One buffered version: its read (``future``), whether the read began, or was given up."""
+
+    __slots__ = ("abandoned", "future", "hint", "started")
+
+    def __init__(self, hint: ReadAheadHint) -> None:
+        self.hint = hint
+        self.started = False
+        self.abandoned = False  # taken, discarded or pushed out before its read began
+        self.future: Future[T | None] = Future()
+
+
 def read_ahead_depth(max_loras: int, max_cpu_loras: int) -> int:
     """Adapter versions read ahead at most at once: twice the device slots (a few steps of
     admissions), and never more host entries than the slots leave over (0: no read-ahead)."""
@@ -46,12 +62,17 @@ class ReadAhead(Generic[T]):
     """Versions being read (or read) ahead of their load command; see module docstring."""
 
     def __init__(self, read: Reader[T], *, capacity: int, workers: int = 1,
-                 resident: Callable[[AdapterKey], bool] = lambda key: False) -> None:
+                 resident: Callable[[AdapterKey], bool] = lambda key: False,
+                 idle_wait_s: float = 0.05) -> None:
         self.capacity = capacity
+        self.idle_wait_s = idle_wait_s
         self._read = read
         self._resident = resident  # already in the host cache (or staging): nothing to read
         self._lock = threading.Lock()
-        self._entries: OrderedDict[AdapterKey, Future[T]] = OrderedDict()  # oldest first
+        self._idle = threading.Event()
+        self._idle.set()
+        self._busy = 0
+        self._entries: OrderedDict[AdapterKey, _Entry[T]] = OrderedDict()  # oldest first
         self._loading: set[AdapterKey] = set()  # taken by a load command that is not done
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers),
                                         thread_name_prefix="lora-read-ahead")
@@ -72,10 +93,11 @@ class ReadAhead(Generic[T]):
                     continue
                 while len(self._entries) >= self.capacity:
                     _, oldest = self._entries.popitem(last=False)
-                    oldest.cancel()  # not started: never read; running: its result is dropped
+                    oldest.abandoned = True  # not begun: never read; running: result dropped
                     self.counts["wasted"] += 1
-                self._entries[key] = self._pool.submit(self._read, hint.path, hint.name,
-                                                       hint.version)
+                entry: _Entry[T] = _Entry(hint)
+                self._entries[key] = entry
+                self._pool.submit(self._run, entry)
                 started += 1
             self.counts["started"] += started
         return started
@@ -85,17 +107,20 @@ class ReadAhead(Generic[T]):
         None: the caller reads it itself. ``key`` counts as loading until ``done(key)``."""
         with self._lock:
             self._loading.add(key)
-            future = self._entries.pop(key, None)
-        if future is None:
-            return None, "none"
-        if future.cancel():
-            # Still queued behind other reads: reading it now is quicker than waiting.
-            self._count("not_started")
-            return None, "none"
-        waited = not future.done()
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return None, "none"
+            if not entry.started:
+                # Still queued, or waiting for a gap: reading it now beats waiting.
+                entry.abandoned = True
+                self.counts["not_started"] += 1
+                return None, "none"
+        waited = not entry.future.done()
         try:
-            value = future.result()
+            value = entry.future.result()
         except Exception:  # the caller's own read reports the error (same as without hints)
+            value = None
+        if value is None:
             self._count("retried")
             return None, "retried"
         self._count("waited" if waited else "hits")
@@ -109,10 +134,38 @@ class ReadAhead(Generic[T]):
     def discard(self, key: AdapterKey) -> None:
         """Forget ``key``'s entry (its version was dropped before any load took it)."""
         with self._lock:
-            future = self._entries.pop(key, None)
-        if future is not None:
-            future.cancel()
-            self._count("wasted")
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                entry.abandoned = True
+                self.counts["wasted"] += 1
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around each command: readers start no new read meanwhile."""
+        with self._lock:
+            self._busy += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
+    def _run(self, entry: _Entry[T]) -> None:
+        """A reader's job: wait for a gap between commands, then read (unless given up)."""
+        self._idle.wait(self.idle_wait_s)
+        with self._lock:
+            if entry.abandoned or self._closed:
+                entry.future.set_result(None)
+                return
+            entry.started = True
+        try:
+            entry.future.set_result(self._read(entry.hint.path, entry.hint.name,
+                                               entry.hint.version))
+        except BaseException as exc:  # kept for ``take``; never ends the reader
+            entry.future.set_exception(exc)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -127,7 +180,8 @@ class ReadAhead(Generic[T]):
         """Drop every entry and stop the readers (a read in progress finishes unseen)."""
         with self._lock:
             self._closed = True
-            entries, self._entries = self._entries, OrderedDict()
-        for future in entries.values():
-            future.cancel()
+            for entry in self._entries.values():
+                entry.abandoned = True
+            self._entries.clear()
+            self._idle.set()  # waiting readers give up at once
         self._pool.shutdown(wait=False, cancel_futures=True)
