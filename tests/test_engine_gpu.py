@@ -37,7 +37,10 @@ def _core(model_dir, adapters, device: str, graphs: bool, dtype: str = "float32"
     cfg = ClusterConfig(model=str(model_dir), device=device, dtype=dtype,  # type: ignore[arg-type]
                         max_loras=4, max_cpu_loras=8, max_lora_rank=16,
                         kv_cache_bytes=16 << 20, block_size=16, max_num_seqs=16,
-                        use_cuda_graphs=graphs)
+                        use_cuda_graphs=graphs,
+                        # admit at once: staggered arrivals must give decode batches of
+                        # many sizes (holding prefills would admit them together)
+                        prefill_hold_steps=0)
     core = ControllerCore(cfg, load_model_spec(model_dir), LocalRankGroup(cfg),
                           Tokenizer.from_model_dir(model_dir))
     for name, path in adapters.items():
