@@ -10,7 +10,8 @@ for each current adapter version there that is not host-resident it
    making room only by evicting an entry that is unheld (not pinned, not used by a running
    request), off the device, not read ahead itself and not wanted by the look-ahead: one
    victim per version, and when no entry qualifies it stops rather than evict more;
-2. queues the victims' ``DropAdapter`` (sent before the next command that needs the room);
+2. queues the victims' ``DropAdapter`` (the step loop sends them before the step, and any
+   command sent earlier sends them first: a rank's cache follows the tiers before a load);
 3. returns a ``ReadAheadHint`` for it, which rides on the step about to run: every rank's
    reader thread reads it in the gaps between commands (``engine/read_ahead.py``).
 
