@@ -2,7 +2,9 @@
 
 Graph safety: each op is captured once (metadata built inside the graph from static input
 tensors), then new row → adapter assignments (-1 rows included) are copied into those
-inputs and the replay must equal an eager call bit for bit.
+inputs and the replay must equal an eager call bit for bit. The split path's programmatic
+dependent launch (PDL, Hopper+) is tested at real sizes and in chained graph replays
+(``-k pdl``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ pytestmark = [pytest.mark.gpu,
 DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 SHAPES = {"dense": (0, 4096), "qkv_gqa": (0, 4096, 5120, 6144)}
-FORCED = {
+PDL_SPLIT = cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16, pdl=True)
+# The tiles chosen for ~1k rows (one adapter: few row tiles, split-K 4), with PDL.
+PDL_SPLIT_1K = cfg.SplitConfig(bm=64, bk=128, split_k=4, bn=128, col_splits=8, expand_warps=8,
+                               pdl=True)
+FORCED: dict[str, cfg.LinearConfig | None] = {
     "auto": None,
     "fused": cfg.FusedConfig(bm=16, bk=128, bn=64, col_splits=8),
     "split": cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16),
-    "split_pdl": cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16, pdl=True),
-    "persistent": cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64),
-    "persistent64": cfg.PersistentConfig(bm=16, bk=256, split_k=16, bn=128, programs=64),
+    "split_pdl": PDL_SPLIT,
+    "split_pdl_1k": PDL_SPLIT_1K,
 }
 
 
@@ -49,9 +54,10 @@ LINEAR_CASES = (
     + [("auto", t, 16, s, d) for t in (1, 64, 1024) for s in SHAPES
        for d in (torch.float16, torch.float32)]
     + [(p, 64, r, s, torch.bfloat16) for p in ("fused", "split") for r in (16, 64) for s in SHAPES]
-    + [(p, t, r, s, torch.bfloat16) for p in ("persistent", "persistent64", "split_pdl")
-       for t in (1, 64, 300) for r in (16, 64) for s in SHAPES]
-    + [("persistent", 64, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
+    + [("split_pdl", t, r, s, torch.bfloat16) for t in (1, 64, 300) for r in (16, 64)
+       for s in SHAPES]
+    + [("split_pdl_1k", 1024, 16, s, torch.bfloat16) for s in SHAPES]
+    + [("split_pdl", 64, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
 )
 
 
@@ -199,77 +205,61 @@ def test_meta_builds_agree(rows: int) -> None:
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("tokens", [1, 64])
-def test_persistent_graph_replays_back_to_back(tokens: int, shape: str) -> None:
-    """One graph holds several persistent launches of different grid sizes on one barrier
-    slot (like layers of a step); it is replayed many times in a row, with new row →
-    adapter assignments between bursts. Every replay must equal the eager result bit for
-    bit: a barrier that did not reset would hang, time out (flag) or race."""
-    from lora_kernels import linear, persistent
+@pytest.mark.parametrize("tokens", [1, 64, 700])
+def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
+    """Three PDL split launches back to back in one graph, each reading the previous one's
+    output as its x (like consecutive layers), replayed many times in a row with new
+    row → adapter assignments between bursts. A programmatically launched expand must
+    still finish before the next layer's shrink reads its output: every replay equals the
+    eager chain bit for bit, the PDL chain equals the plain-split chain bit for bit (the
+    flag changes only launch order), and each layer matches the float32 reference on the
+    input it actually read."""
+    from dataclasses import replace
 
-    gen = torch.Generator().manual_seed(100 + tokens)
+    from lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(200 + tokens)
     offs = SHAPES[shape]
     idx, x, a, b, out0 = _linear_case(gen, tokens, 16, offs, torch.bfloat16, "uniform")
     static_idx = idx.clone()
-    outs = [out0.clone() for _ in range(3)]
-    configs = [cfg.choose_linear(tokens, offs[-1], 4096, 16, len(offs) - 1, 32),
-               cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64, programs=48),
-               cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64, programs=7)]
-    persistent.prepare_barriers(DEV)
+    n, n_cols = len(offs) - 1, offs[-1]
+    chosen = cfg.choose_linear(tokens, n_cols, 4096, 16, n, 32)
+    assert isinstance(chosen, cfg.SplitConfig)
+    configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K]
+    outs = [out0.clone() for _ in configs]
 
-    def step() -> None:
+    def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig]) -> None:
         meta = build_lora_meta(static_idx, 32)
-        for out, config in zip(outs, configs, strict=True):
+        for out in dst:
             out.copy_(out0)
-            linear.lora_linear(out, x, a, b, meta, offs, config=config)
+        src = x
+        for out, config in zip(dst, cfgs, strict=True):
+            linear.lora_linear(out, src, a, b, meta, offs, config=config)
+            src = out[:, :4096]
 
-    graph = _capture(step)
-    layouts = ["uniform", "identical", "skewed", "distinct", "zipf"] * 4
+    graph = _capture(lambda: chain(outs, configs))
+    layouts = ["uniform", "identical", "skewed", "distinct", "zipf"] * 3
     for i, popularity in enumerate(layouts):
         new = testing.entry_indices(tokens, 32, popularity, gen, none_frac=0.05 * (i % 5),
                                     used=1 + i % 32)
+        if i == len(layouts) - 1:
+            new[:] = -1  # every row base-only: nothing may be added anywhere in the chain
         static_idx.copy_(new.to(DEV))
         for _ in range(10):
             graph.replay()
-        meta = build_lora_meta(static_idx, 32)
         eager = [out0.clone() for _ in configs]
-        for e, config in zip(eager, configs, strict=True):
-            linear.lora_linear(e, x, a, b, meta, offs, config=config)
+        chain(eager, configs)
+        plain = [out0.clone() for _ in configs]
+        chain(plain, [replace(c, pdl=False) for c in configs])
         torch.cuda.synchronize()
-        ref = out0.float().clone()
-        reference.lora_linear(ref, x.float(), a.float(), b.float(), static_idx, offs)
-        for out, e in zip(outs, eager, strict=True):
-            assert torch.equal(out, e), popularity
-            assert torch.equal(out[static_idx < 0], out0[static_idx < 0]), popularity
+        src = x
+        for layer, (out, e, p) in enumerate(zip(outs, eager, plain, strict=True)):
+            where = f"{popularity} layer {layer}"
+            assert torch.equal(out, e), where
+            assert torch.equal(out, p), where
+            assert torch.equal(out[static_idx < 0], out0[static_idx < 0]), where
             if bool((static_idx >= 0).any()):
-                assert _rel(out.float() - out0.float(), ref - out0.float()) < 1e-2, popularity
-        assert torch.equal(outs[1], outs[2]), popularity  # same split-K sums, other grids
-    assert not persistent.barrier_timed_out(DEV)
-
-
-def test_persistent_capture_before_barrier_slab_falls_back_to_split() -> None:
-    """A persistent call first seen inside a capture (no zeroed slab yet) runs the split path."""
-    from lora_kernels import linear, persistent
-
-    gen = torch.Generator().manual_seed(3)
-    offs = SHAPES["dense"]
-    idx, x, a, b, out0 = _linear_case(gen, 16, 16, offs, torch.bfloat16, "uniform")
-    out = out0.clone()
-    meta = build_lora_meta(idx, 32)
-    config = cfg.PersistentConfig(bm=16, bk=128, split_k=8, bn=64)
-    saved = dict(persistent._slabs)
-    persistent._slabs.clear()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        linear.lora_linear(out.clone(), x, a, b, meta, offs, config=config.as_split())  # warm
-        with torch.cuda.graph(graph):
-            linear.lora_linear(out, x, a, b, meta, offs, config=config)
-        assert not persistent._slabs
-        out.copy_(out0)
-        graph.replay()
-        eager = out0.clone()
-        linear.lora_linear(eager, x, a, b, meta, offs, config=config.as_split())
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
-    finally:
-        persistent._slabs.update(saved)
+                ref = out0.float().clone()
+                reference.lora_linear(ref, src.float(), a.float(), b.float(), static_idx, offs)
+                assert _rel(out.float() - out0.float(), ref - out0.float()) < 1e-2, where
+            src = out[:, :4096]

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,15 +31,15 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 SLICES = {1: (0, 40), 2: (0, 24, 56), 3: (0, 32, 48, 56)}
-VARIANTS = {
+VARIANTS: dict[str, tuple[int, cfg.LinearConfig | None]] = {
     "fused": (8, cfg.FusedConfig(bm=16, bk=32, bn=16, col_splits=2)),
     "split": (16, cfg.SplitConfig(bm=16, bk=32, split_k=4, bn=16, col_splits=2)),
-    # One program under the interpreter (the barrier is met at once); K = 72 in chunks of
-    # 32 gives three partials, the last one ragged.
-    "persistent": (16, cfg.PersistentConfig(bm=16, bk=32, split_k=3, bn=16)),
+    # PDL runs as the plain split without a Hopper GPU (the interpreter) and with it on one;
+    # K = 72 in chunks of 32 gives three partials, the last one ragged.
+    "split_pdl": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=1, pdl=True)),
     "auto": (16, None),
 }
-_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_persistent", "triton_moe",
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe",
                    "triton_meta", "linear", "embedding", "moe")
 
 
@@ -230,9 +231,9 @@ def test_one_launch_meta_matches_torch(rows: int, entries: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_persistent_rank64_and_barrier_state(dtype: torch.dtype) -> None:
-    """Rank 64 (J = 256 rank rows) over unaligned slices; the barrier slot ends each launch
-    reset (arrived 0, generation +1, no time-out), so launches can follow back to back."""
+def test_split_pdl_rank64_unaligned_slices(dtype: torch.dtype) -> None:
+    """Rank 64 (J = 256 stacked rank rows) over slices no column block aligns with, so the
+    expand takes its masked-B branch; PDL and plain split give the same bits."""
     from lora_kernels import linear
 
     gen = torch.Generator().manual_seed(11)
@@ -244,51 +245,64 @@ def test_persistent_rank64_and_barrier_state(dtype: torch.dtype) -> None:
     b = _rand(gen, w, offs[-1], rank, scale=0.2, dtype=dtype)
     out0 = _rand(gen, m, offs[-1], dtype=dtype)
     meta = build_lora_meta(idx, w)
-    barrier = torch.zeros(3, dtype=torch.int32, device=DEVICE)
-    config = cfg.PersistentConfig(bm=16, bk=32, split_k=2, bn=32)
+    config = cfg.SplitConfig(bm=16, bk=32, split_k=2, bn=32, col_splits=2, pdl=True)
     delta = testing.oracle_linear(x.cpu(), a.cpu(), b.cpu(), idx.cpu(), offs)
-    for launch in range(1, 3):
-        out = out0.clone()
-        linear.lora_linear(out, x, a, b, meta, offs, config=config, barrier=barrier)
-        assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
-        assert torch.equal(out[idx < 0], out0[idx < 0])
-        assert barrier.tolist() == [0, launch, 0]
+    out, plain = out0.clone(), out0.clone()
+    linear.lora_linear(out, x, a, b, meta, offs, config=config)
+    linear.lora_linear(plain, x, a, b, meta, offs, config=replace(config, pdl=False))
+    assert _rel(out.double() - out0.double(), delta) < TOL[dtype]
+    assert torch.equal(out[idx < 0], out0[idx < 0])
+    assert torch.equal(out, plain)
 
 
-def test_persistent_all_rows_unassigned_and_bad_barrier() -> None:
+@pytest.mark.parametrize("variant", ["fused", "split", "split_pdl"])
+def test_linear_all_rows_unassigned_adds_nothing(variant: str) -> None:
     from lora_kernels import linear
 
     gen = torch.Generator().manual_seed(5)
     offs = SLICES[1]
-    x, a = _rand(gen, 9, 32), _rand(gen, 1, 4, 16, 32)
+    x, a = _rand(gen, 9, 72), _rand(gen, 1, 4, 16, 72)
     b, out0 = _rand(gen, 4, 40, 16), _rand(gen, 9, 40)
     meta = build_lora_meta(torch.full((9,), -1, dtype=torch.int32, device=DEVICE), 4)
-    config = cfg.PersistentConfig(bm=16, bk=32, split_k=2, bn=16)
     out = out0.clone()
-    linear.lora_linear(out, x, a, b, meta, offs, config=config)
+    linear.lora_linear(out, x, a, b, meta, offs, config=VARIANTS[variant][1])
     assert torch.equal(out, out0)
-    with pytest.raises(ValueError, match="barrier must be int32"):
-        linear.lora_linear(out, x, a, b, meta, offs, config=config,
-                           barrier=torch.zeros(3, device=DEVICE))
 
 
-def test_choose_linear_persistent_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to PERSISTENT_MAX_ROWS the split tiles run as one persistent launch; above it,
-    and with the threshold at 0, the measured split/fused choices are unchanged."""
+def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split path gets PDL up to SPLIT_PDL_MAX_ROWS rows on multi-slice layers and
+    SPLIT_PDL_MAX_ROWS_1SLICE rows on single-slice ones (the H100 measurement in
+    docs/KERNELS.md v5); the tiles are those of the plain split, and the fused path never
+    carries the flag. With both limits at 0 the measured plain-split choices come back."""
+    dense, gqa = (4096, 1), (6144, 3)
     cfg.choose_linear.cache_clear()
     try:
-        small = cfg.choose_linear(64, 4096, 4096, 16, 1, 32)
-        assert isinstance(small, cfg.PersistentConfig)
-        assert (small.bm, small.bk, small.split_k, small.bn) == (16, 128, 8, 128)
-        big = cfg.choose_linear(1024, 4096, 4096, 16, 1, 32)
-        assert isinstance(big, cfg.SplitConfig) and not big.pdl
-        monkeypatch.setattr(cfg, "PERSISTENT_MAX_ROWS", 0)
+        def pick(rows: int, shape: tuple[int, int], rank: int = 16) -> cfg.LinearConfig:
+            return cfg.choose_linear(rows, shape[0], 4096, rank, shape[1], 32)
+
+        pdl = {(rows, name): getattr(pick(rows, shape), "pdl", None)
+               for rows in (1, 16, 64, 256, 512, 513, 1024, 1025, 2048, 4096)
+               for name, shape in (("dense", dense), ("gqa", gqa))}
+        assert pdl == {
+            (1, "dense"): True, (16, "dense"): True, (64, "dense"): True,
+            (256, "dense"): True, (512, "dense"): True, (513, "dense"): True,
+            (1024, "dense"): True, (1025, "dense"): False, (2048, "dense"): False,
+            (4096, "dense"): None,  # fused
+            (1, "gqa"): True, (16, "gqa"): True, (64, "gqa"): True, (256, "gqa"): True,
+            (512, "gqa"): True, (513, "gqa"): False, (1024, "gqa"): False,
+            (1025, "gqa"): False, (2048, "gqa"): False, (4096, "gqa"): False,
+        }
+        # Rank 64 keeps the flag with the K tile shrunk to fit shared memory.
+        r64 = pick(64, gqa, rank=64)
+        assert isinstance(r64, cfg.SplitConfig) and r64.pdl and r64.bk == 64
+        with_pdl = pick(64, dense)
+        monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS", 0)
+        monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS_1SLICE", 0)
         cfg.choose_linear.cache_clear()
-        legacy = cfg.choose_linear(64, 4096, 4096, 16, 1, 32)
-        assert isinstance(legacy, cfg.SplitConfig)
-        assert legacy == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32)
-        monkeypatch.setattr(cfg, "SPLIT_PDL", True)
-        cfg.choose_linear.cache_clear()
-        assert cfg.choose_linear(64, 4096, 4096, 16, 1, 32).pdl
+        plain = pick(64, dense)
+        assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32)
+        assert with_pdl == replace(plain, pdl=True)
+        assert not any(getattr(pick(rows, shape), "pdl", False)
+                       for rows in (1, 64, 1024) for shape in (dense, gqa))
     finally:
         cfg.choose_linear.cache_clear()

@@ -12,18 +12,12 @@ from functools import lru_cache
 
 import torch
 
-# Thresholds of the newer launch paths, set from the H100 measurement
-# (`benchmarks/kernel_candidates.py` → results/kernels_candidates_h100.json, docs/KERNELS.md v5).
-# PERSISTENT_MAX_ROWS: the single-launch persistent path (split-K shrink, grid barrier,
-# expand; `triton_persistent`) serves shapes up to this many rows; 0 disables it — measured
-# 1.15-3.3x slower than the split path at every candidate shape (the grid barrier costs more
-# than the second launch it saves). PERSISTENT_PROGRAMS: its grid, 0 = one program per SM.
-# SPLIT_PDL_MAX_ROWS / SPLIT_PDL_MAX_ROWS_1SLICE: the split path launches its expand with
-# programmatic dependent launch (Hopper+) up to this many rows (multi-slice / single-slice
-# layers): measured 0.84-0.98x of the plain split at T <= 256 and dense T = 1024, but
-# 1.05-1.19x on GQA qkv at T >= 1024.
-PERSISTENT_MAX_ROWS = 0
-PERSISTENT_PROGRAMS = 0
+# Programmatic dependent launch (PDL, Hopper+) of the split path's expand, set from the H100
+# measurement (`benchmarks/kernel_candidates.py` → results/kernels_candidates_h100.json,
+# docs/KERNELS.md v5): the split path uses it up to SPLIT_PDL_MAX_ROWS rows on multi-slice
+# layers and SPLIT_PDL_MAX_ROWS_1SLICE rows on single-slice ones. Measured 0.84-0.98x the
+# plain split's time at T <= 256 and on dense T = 1024 with one adapter (1.00x with 32),
+# but 1.02-1.21x on GQA qkv at T >= 1024, hence the two limits.
 SPLIT_PDL_MAX_ROWS = 512
 SPLIT_PDL_MAX_ROWS_1SLICE = 1024
 
@@ -55,29 +49,7 @@ class SplitConfig:
     pdl: bool = False
 
 
-@dataclass(frozen=True)
-class PersistentConfig:
-    """One launch, ≤ one program per SM: split-K shrink, grid barrier, expand in BN blocks.
-
-    programs: grid size (0 = the device's SM count; capped by it and by the work).
-    """
-
-    bm: int
-    bk: int
-    split_k: int
-    bn: int
-    programs: int = 0
-    warps: int = 4
-    stages: int = 3
-
-    def as_split(self) -> SplitConfig:
-        """The two-launch equivalent (used where the barrier state is not available)."""
-        return SplitConfig(bm=self.bm, bk=self.bk, split_k=self.split_k, bn=self.bn,
-                           col_splits=1 << 30, shrink_warps=self.warps,
-                           expand_warps=self.warps, stages=self.stages)
-
-
-LinearConfig = FusedConfig | SplitConfig | PersistentConfig
+LinearConfig = FusedConfig | SplitConfig
 
 NUM_SMS_DEFAULT = 132
 
@@ -139,21 +111,6 @@ def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
     return None
 
 
-def persistent_from_split(split: SplitConfig, j: int, programs: int | None = None
-                          ) -> PersistentConfig:
-    """The persistent path with the split path's tiles (the sweeps' winners at that size).
-
-    Expand blocks are one BN block per item (the split expand's column ranges would give
-    a persistent program several blocks in a row, serialising its loads).
-    """
-    bk = split.bk
-    while (split.bm + j) * bk * 2 * split.stages > SMEM_BUDGET and bk > 32:
-        bk //= 2
-    return PersistentConfig(bm=split.bm, bk=bk, split_k=split.split_k, bn=split.bn,
-                            programs=PERSISTENT_PROGRAMS if programs is None else programs,
-                            warps=split.expand_warps, stages=split.stages)
-
-
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
                   num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
@@ -163,15 +120,13 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     fused program must read a whole A[w] (n·R·K elements) by itself while split-K spreads
     that read over many programs and the expand then streams the output with small y
     tiles; at 4k rows the fused path, which never writes y, wins for single-slice layers
-    and for rank-64 multi-slice ones. Up to PERSISTENT_MAX_ROWS the split tiles run as
-    one persistent launch instead (see the thresholds at the top of this module). ``entries`` and ``num_sms`` are kept for tuning on
-    other cards.
+    and for rank-64 multi-slice ones. The split path launches its expand with PDL up to
+    the row limits at the top of this module. ``entries`` and ``num_sms`` are kept for
+    tuning on other cards.
     """
     r_pad = rank_pad(rank)
     j = next_pow2(slices) * r_pad
     split = _choose_split(rows, n, j, slices)
-    if split is not None and rows <= PERSISTENT_MAX_ROWS:
-        return persistent_from_split(split, j)
     if split is not None and rows <= (SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1
                                       else SPLIT_PDL_MAX_ROWS):
         split = replace(split, pdl=True)

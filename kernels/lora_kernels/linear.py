@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from lora_kernels import config as cfg
-from lora_kernels import persistent
 from lora_kernels.meta import LoRAMeta
 from lora_kernels.triton_linear import expand_kernel, fused_lora_kernel, shrink_kernel
 
@@ -66,8 +65,7 @@ def _grid_cols(n_cols: int, bn: int, col_splits: int) -> tuple[int, int]:
 def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 meta: LoRAMeta, slice_offsets: Sequence[int],
                 config: cfg.LinearConfig | None = None,
-                workspace: torch.Tensor | None = None,
-                barrier: torch.Tensor | None = None) -> None:
+                workspace: torch.Tensor | None = None) -> None:
     """``out[m, slice s] += x[m] @ A[s, w].T @ B[w, slice s].T`` for w = indices[m] >= 0.
 
     Semantics:
@@ -75,11 +73,11 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
             lo, hi = slice_offsets[s], slice_offsets[s + 1]
             out[m, lo:hi] += (x[m] @ lora_a[s, w].T) @ lora_b[w, lo:hi].T
     Args: out [M, N] (updated in place); x [M, K]; lora_a [n, W, R, K]; lora_b [W, N, R];
-        slice_offsets: n + 1 ints from 0 to N; config: a ``FusedConfig``, ``SplitConfig``
-        or ``PersistentConfig`` (default: ``config.choose_linear``); workspace: float32 with
-        at least split_k·n·M·R elements for the split and persistent paths (allocated when
-        absent); barrier: int32 [≥ 3], zero before first use, for the persistent path's grid
-        barrier (default: this stream's slot of ``persistent.barrier_for``).
+        slice_offsets: n + 1 ints from 0 to N; config: a ``FusedConfig`` or ``SplitConfig``
+        (default: ``config.choose_linear``); workspace: float32 with at least split_k·n·M·R
+        elements for the split path (allocated when absent). A split config with
+        ``pdl=True`` launches its expand programmatically on Hopper-or-newer GPUs and runs
+        as the plain split elsewhere (same arithmetic, same result).
     """
     _check_linear(out, x, lora_a, lora_b, meta, slice_offsets)
     n, w_count, rank, k = lora_a.shape
@@ -88,20 +86,6 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         return
     if config is None:
         config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
-    if isinstance(config, cfg.PersistentConfig):
-        bar = barrier if barrier is not None else persistent.barrier_for(x.device)
-        if bar is None:
-            config = config.as_split()  # capturing before the barrier slab exists
-        else:
-            if bar.dtype != torch.int32 or bar.numel() < 3:
-                raise ValueError(f"barrier must be int32 with >= 3 elements, got {bar.dtype} "
-                                 f"with {bar.numel()}")
-            _, k_progs = _k_chunks(k, config.split_k, config.bk)
-            y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
-            persistent.launch_persistent(out, x, lora_a, lora_b, meta, slice_offsets,
-                                         _inner_offsets(slice_offsets, n_cols),
-                                         _aligned(slice_offsets, config.bn), config, y, bar)
-            return
     if isinstance(config, cfg.SplitConfig):
         # The partial count is the number of K programs, which may be below split_k.
         _, k_progs = _k_chunks(k, config.split_k, config.bk)
@@ -122,7 +106,8 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(w_count),
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
-        ALIGNED=_aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype), num_warps=config.warps, num_stages=config.stages,
+        ALIGNED=_aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype),
+        num_warps=config.warps, num_stages=config.stages,
     )
 
 

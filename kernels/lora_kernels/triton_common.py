@@ -123,38 +123,3 @@ def expand_tile(
             o = tl.load(o_ptrs, mask=o_mask, other=0.0)
             d = tl.dot(yc, bt, input_precision=DOT_PREC)
             tl.store(o_ptrs, (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-@triton.jit
-def live_tile_count(seg_counts, num_entries, W_PAD: tl.constexpr, BM: tl.constexpr):
-    """How many BM-row tiles the entries' rows fill (the live tiles of ``find_tile``)."""
-    offs = tl.arange(0, W_PAD)
-    cnt = tl.load(seg_counts + offs, mask=offs < num_entries, other=0)
-    return tl.sum((cnt + BM - 1) // BM, 0)
-
-
-@triton.jit
-def grid_barrier(bar_ptr, num_progs, MAX_SPINS: tl.constexpr):
-    """Every one of ``num_progs`` co-resident programs waits here until all have arrived.
-
-    bar_ptr: int32 [3] = (arrived, generation, timed-out flag), zero before first use. The
-    last program to arrive resets ``arrived`` and bumps ``generation``; the others spin until
-    the generation moves, so the state is ready for the next launch (CUDA-graph replays
-    back to back) without a memset. A spin that outlasts MAX_SPINS polls sets the flag and
-    goes on, so a broken co-residency assumption shows up as an error instead of a hang.
-    """
-    tl.debug_barrier()  # the CTA's stores precede the release below
-    gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed")
-    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel")
-    if arrived == num_progs - 1:
-        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-        tl.atomic_add(bar_ptr + 1, 1, sem="release")
-    else:
-        cur = gen
-        spins = 0
-        while (cur == gen) & (spins < MAX_SPINS):
-            cur = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
-            spins += 1
-        if cur == gen:
-            tl.atomic_xchg(bar_ptr + 2, 1, sem="relaxed")
-    tl.debug_barrier()
