@@ -77,9 +77,9 @@ class DecodeGraphs:
         p[3 * b:4 * b].fill_(1)  # context of one token in block 0
         p[4 * b:5 * b].fill_(-1)  # KV not written
 
-    def capture(self) -> None:
-        """Capture every bucket, largest first, sharing one memory pool."""
-        pool = None
+    def capture(self, pool: Any = None) -> Any:
+        """Capture every bucket, largest first, sharing one memory pool (``pool`` when given);
+        returns the pool (the prefill graphs capture into it too)."""
         torch.cuda.synchronize(self.device)
         for b in reversed(self.buckets):
             self._fill_padding(b)
@@ -95,6 +95,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self._graphs[b] = (graph, out)
         torch.cuda.synchronize(self.device)
+        return pool
 
     def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
             block_size: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ sequences (prefills, prefill chunks, scoring) through a second, eager forward on
 cache. The two sets are disjoint sequences, so their KV writes never meet. The split is
 decided from the plan alone, so every rank runs the same sequence of forwards.
 
+The multi-row part (the eager rows of a split step, or a whole step that does not split) goes
+through a *prefill executor* (CUDA graphs per token bucket on GPU) when it fits one: only
+last-row logits needed, few enough sequences and rows — again a function of the plan alone.
+
 The runner mirrors each live sequence's KV block table from the plans' deltas, and on the
 output rank holds the logits of scoring prefills that span several steps.
 """
@@ -25,6 +29,13 @@ import torch
 
 from lora_cluster.engine.cuda_graphs import DecodeGraphs
 from lora_cluster.engine.messages import SeqStep, StepPlan, StepResult
+from lora_cluster.engine.prefill_graphs import (
+    PREFILL_BUCKETS,
+    PREFILL_GRAPH_SEQS,
+    EagerPrefill,
+    PrefillGraphs,
+    prefill_buckets,
+)
 from lora_cluster.engine.sampler import SamplingBatch, sample
 from lora_cluster.model.batch import ForwardBatch
 
@@ -53,6 +64,22 @@ class DecodeExecutor(Protocol):
     def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
             block_size: int) -> torch.Tensor:
         """Logits [len(seqs), V], row i for ``seqs[i]``; valid until the next ``run``."""
+        ...
+
+
+class PrefillExecutor(Protocol):
+    """Runs the multi-row part of a step padded to a token bucket (``prefill_graphs``)."""
+
+    runs: int
+    padding_rows: int
+
+    def bucket_for(self, seqs: Sequence[SeqStep]) -> int | None:
+        """The bucket ``seqs`` run in, or None when they must run eagerly (plan-only)."""
+        ...
+
+    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
+            block_size: int) -> torch.Tensor:
+        """Logits [len(seqs), V], row i of ``seqs[i]``'s last row; valid until the next run."""
         ...
 
 
@@ -139,13 +166,17 @@ class StepRunner:
 
     ``decode`` is the decode executor (CUDA graphs when ``use_cuda_graphs`` on a CUDA device,
     else none: every step one eager forward); ``split_mixed`` sends a mixed step's decode rows
-    through it when it has at least ``split_min_decodes`` of them.
+    through it when it has at least ``split_min_decodes`` of them. ``prefill`` is the prefill
+    executor (CUDA graphs per token bucket up to ``max_num_batched_tokens`` when
+    ``use_cuda_graphs`` and ``prefill_graphs`` on CUDA, else none: multi-row parts eager).
     """
 
     def __init__(self, model: ForwardModel, kv_cache: Any, *, device: torch.device,
                  block_size: int, context_limit: int, max_num_seqs: int,
                  is_output_rank: bool, use_cuda_graphs: bool, split_mixed: bool = True,
-                 split_min_decodes: int = SPLIT_MIN_DECODES) -> None:
+                 split_min_decodes: int = SPLIT_MIN_DECODES,
+                 max_num_batched_tokens: int = PREFILL_BUCKETS[-1],
+                 prefill_graphs: bool = True) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -158,18 +189,48 @@ class StepRunner:
         self._tables: dict[int, list[int]] = {}
         self._held_logits: dict[int, list[torch.Tensor]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.context_limit = context_limit
+        self.prefill_buckets = prefill_buckets(max_num_batched_tokens)
+        self.prefill_seqs = min(PREFILL_GRAPH_SEQS, max_num_seqs)
         self.graphs: DecodeGraphs | None = None
         self.decode: DecodeExecutor | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill: PrefillExecutor | None = None
         if use_cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, kv_cache, device=device, max_num_seqs=max_num_seqs,
                                        max_blocks_per_seq=self.max_blocks_per_seq,
                                        max_context_len=context_limit)
             self.decode = self.graphs
+            if prefill_graphs:
+                self.prefill_graphs = PrefillGraphs(
+                    model, kv_cache, device=device, buckets=self.prefill_buckets,
+                    max_seqs=self.prefill_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+                    max_context_len=context_limit)
+                self.prefill = self.prefill_graphs
 
     def capture(self) -> None:
-        """Record the decode graphs (all ranks at once: the forward may hold collectives)."""
-        if self.graphs is not None:
-            self.graphs.capture()
+        """Record the decode graphs, then the prefill graphs in the same memory pool (all
+        ranks at once: the forward may hold collectives)."""
+        pool = self.graphs.capture() if self.graphs is not None else None
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.capture(pool)
+
+    def use_eager_prefill(self, buckets: Sequence[int] | None = None,
+                          max_seqs: int | None = None) -> EagerPrefill:
+        """Route multi-row parts that fit a bucket through padded eager forwards (the CPU
+        stand-in for ``PrefillGraphs``). Every rank of a group must make this call."""
+        executor = EagerPrefill(self.model, self.kv_cache, device=self.device,
+                                buckets=buckets or self.prefill_buckets,
+                                max_seqs=max_seqs or self.prefill_seqs,
+                                max_blocks_per_seq=self.max_blocks_per_seq,
+                                max_context_len=self.context_limit)
+        self.prefill = executor
+        return executor
+
+    def set_prefill_graphs(self, on: bool) -> None:
+        """Use the captured prefill graphs (on) or run every multi-row part eagerly (off).
+        Every rank of a group must make the same call."""
+        self.prefill = self.prefill_graphs if on else None
 
     def use_eager_decode(self) -> EagerDecode:
         """Route decode rows through eager decode forwards (splits mixed steps without graphs:
@@ -190,10 +251,16 @@ class StepRunner:
 
     def stats(self) -> dict[str, int]:
         """Step counters: decode-executor steps, split steps and their decode rows, eager
-        forwards and those that held prefill rows."""
+        forwards and those that held prefill rows, prefill-executor forwards, their live and
+        padding rows; prefill graph capture time (ms) and memory reserved (bytes)."""
         keys = ("decode_steps", "split_steps", "split_decode_rows", "eager_forwards",
-                "prefill_forwards")
-        return {k: int(self.counters[k]) for k in keys}
+                "prefill_forwards", "prefill_graph_forwards", "prefill_graph_rows")
+        out = {k: int(self.counters[k]) for k in keys}
+        out["prefill_graph_padding_rows"] = self.prefill.padding_rows if self.prefill else 0
+        graphs = self.prefill_graphs
+        out["prefill_graph_capture_ms"] = int(graphs.capture_ms) if graphs else 0
+        out["prefill_graph_bytes"] = int(graphs.capture_bytes) if graphs else 0
+        return out
 
     # ---------------------------------------------------------------- one step
     def split_of(self, plan: StepPlan) -> tuple[list[int], list[int]] | None:
@@ -238,11 +305,11 @@ class StepRunner:
             # Decode first: its logits (a graph's output view) stay valid through the eager
             # forward, which never replays a graph; they are consumed below, before any replay.
             parts.append(self._run_decode(seqs, single, spans, part=0))
-            parts.append(self._run_eager(seqs, multi, spans, part=1))
+            parts.append(self._run_multi(seqs, multi, spans, part=1))
             self.counters["split_steps"] += 1
             self.counters["split_decode_rows"] += len(single)
         else:
-            parts.append(self._run_eager(seqs, range(len(seqs)), spans, part=0))
+            parts.append(self._run_multi(seqs, range(len(seqs)), spans, part=0))
         if not self.is_output_rank:
             return None
         return self._postprocess(seqs, parts, spans, seq, start)
@@ -255,6 +322,21 @@ class StepRunner:
                                  self.block_size)
         for row, i in enumerate(index):
             spans[i] = (part, row, row + 1)
+        return logits
+
+    def _run_multi(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
+                   part: int) -> torch.Tensor:
+        """The prefill executor when ``seqs[index]`` fit a bucket, else one eager forward."""
+        chosen = [seqs[i] for i in index]
+        if self.prefill is None or self.prefill.bucket_for(chosen) is None:
+            return self._run_eager(seqs, index, spans, part)
+        logits = self.prefill.run(chosen, [self._tables[s.seq_id] for s in chosen],
+                                  self.block_size)
+        self.counters["prefill_graph_forwards"] += 1
+        self.counters["prefill_graph_rows"] += sum(len(s.token_ids) for s in chosen)
+        for row, i in enumerate(index):
+            # One logits row per sequence: the last one, read only if the sequence samples.
+            spans[i] = (part, row, row + 1) if seqs[i].sample is not None else (part, row, row)
         return logits
 
     def _run_eager(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],

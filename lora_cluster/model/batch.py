@@ -31,6 +31,10 @@ class ForwardBatch:
     is_decode:       every sequence contributes exactly one row (graph-capturable path)
     max_context_len: host-side bound on context_lens (sizes the attention gather; a bucket
                      value under CUDA graphs, never read back from the device)
+    span_table:      [B, 4] int64 or None — (seq, row_start, rows, context) of every sequence,
+                     set by the prefill graph path: attention is then planned from it and
+                     ``max_span_rows`` with no host read (rows 0 = a padding sequence)
+    max_span_rows:   host-side bound on the table's ``rows`` column (a bucket value)
     """
 
     input_ids: torch.Tensor
@@ -43,6 +47,8 @@ class ForwardBatch:
     logits_rows: torch.Tensor
     is_decode: bool
     max_context_len: int
+    span_table: torch.Tensor | None = None
+    max_span_rows: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -74,6 +74,9 @@ class AttentionPlan:
     kernel, ``max_span_rows`` bounds its grid; the single-row sequences (``single_rows`` /
     ``single_seqs``) go through the batched decode kernel together; rows from
     ``covered_rows`` on belong to no sequence (padding) and come out zero.
+    static (from ``ForwardBatch.span_table``): every sequence is a span (single rows too),
+    ``spans`` is empty (no host copy of the table) and ``covered_rows`` 0 — every row is
+    zeroed before the kernel writes the spans' rows — so the plan holds no device value.
     """
 
     decode: bool
@@ -87,10 +90,14 @@ class AttentionPlan:
 
 
 def plan_attention(batch: ForwardBatch) -> AttentionPlan:
-    """The decode plan for ``batch.is_decode`` (no host sync), else a general plan (one sync,
+    """The decode plan for ``batch.is_decode`` (no host sync), the static plan of a batch
+    with a ``span_table`` (no host sync: the prefill graphs), else a general plan (one sync,
     one host→device copy)."""
     if batch.is_decode:
         return AttentionPlan(decode=True)
+    if batch.span_table is not None:
+        return AttentionPlan(decode=False, span_table=batch.span_table,
+                             max_span_rows=batch.max_span_rows, covered_rows=0)
     starts = batch.query_start_loc.tolist()
     contexts = batch.context_lens.tolist()
     spans, rows, seqs, max_ctx = [], [], [], 0
@@ -202,11 +209,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q.index_select(0, plan.single_rows), k_cache, v_cache,
             batch.block_tables.index_select(0, seqs), batch.context_lens.index_select(0, seqs),
             plan.single_max_context, scale, window)
-    for span in plan.spans:
+    for span in plan.spans or _table_spans(plan.span_table):
         out[span.row_start:span.row_end] = span_attention(
             q[span.row_start:span.row_end], k_cache, v_cache, batch.block_tables[span.seq],
             span.context, scale, window)
     return out
+
+
+def _table_spans(table: torch.Tensor | None) -> list[PrefillSpan]:
+    """The non-empty spans of a static plan's table (a host read: the torch reference path
+    only; the Triton path reads the table on the device)."""
+    if table is None:
+        return []
+    return [PrefillSpan(b, r, r + n, c) for b, r, n, c in table.tolist() if n > 0]
 
 
 def _triton_general(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
