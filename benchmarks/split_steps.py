@@ -1,11 +1,13 @@
 """Mixed step time: decodes + new prompts' prefills as one eager forward vs split (decode rows
-replayed from the CUDA graphs, prefill rows in a second eager forward), beside a pure decode
-step and a prefill alone.
+replayed from the CUDA graphs, prefill rows in a second forward), beside a pure decode step
+and a prefill alone; the prefill forwards eager ("-eager") or replayed from the prefill
+graphs ("-graph").
 
 Run (GPU, no Ray):   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/split_steps.py
-                     [--decodes 120 --prompts 1,2,4,8 --prompt-len 128 --iters 20]
+                     [--decodes 120 --prompts 1,2,4,8,16 --prompt-len 128 --iters 20]
 Dry run (CPU, tiny): .venv/bin/python benchmarks/split_steps.py --dry-run
-                     (every code path on the cpu-tiny preset, EagerDecode as the executor)
+                     (every code path on the cpu-tiny preset, EagerDecode and EagerPrefill
+                     as the executors)
 
 Model: the ``h100-moe`` bench preset (Qwen3-30B-A3B-like, 4 layers, bf16 random weights,
 written under ``--cache-dir`` on first use), rank-16 attention adapters in ``--adapters``
@@ -44,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--decodes", type=int, default=120)
-    ap.add_argument("--prompts", default="1,2,4,8")
+    ap.add_argument("--prompts", default="1,2,4,8,16")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--context", type=int, default=160)
     ap.add_argument("--adapters", type=int, default=32)
@@ -66,6 +68,8 @@ def main() -> None:
     runner = rt.runner
     if args.dry_run:
         runner.use_eager_decode()
+        runner.use_eager_prefill(buckets=(16, 32))
+    prefill = runner.prefill
     cmd = 0
     for i, path in enumerate(assets.adapter_dirs):
         rt.execute(LoadAdapter(seq=cmd, name=f"a{i}", version=1, path=str(path)))
@@ -90,9 +94,10 @@ def main() -> None:
                      start_pos=0, new_blocks=blocks(args.prompt_len), slot=slot(j),
                      sample=SampleSpec()) for j in range(max(prompts))]
 
-    def timed(plan: StepPlan, split: bool) -> list[float]:
+    def timed(plan: StepPlan, split: bool, graphs: bool = False) -> list[float]:
         nonlocal cmd
         runner.split_mixed = split
+        runner.prefill = prefill if graphs else None
         out = []
         for it in range(args.iters + 3):  # 3 warm-ups: prefill shapes compile kernels
             cmd += 1
@@ -120,9 +125,14 @@ def main() -> None:
     decode_ms = report("decode", 0, timed(StepPlan(seqs=tuple(decodes)), True))
     for n in prompts:
         mixed = StepPlan(seqs=tuple(decodes) + tuple(fresh[:n]))
-        report("prefill-alone", n, timed(StepPlan(seqs=tuple(fresh[:n])), False))
+        alone = StepPlan(seqs=tuple(fresh[:n]))
+        report("prefill-eager", n, timed(alone, False))
+        if prefill is not None and prefill.bucket_for(alone.seqs) is not None:
+            report("prefill-graph", n, timed(alone, False, graphs=True))
         report("mixed-unsplit", n, timed(mixed, False))
-        split_ms = report("mixed-split", n, timed(mixed, True))
+        split_ms = report("split-eager", n, timed(mixed, True))
+        if prefill is not None and prefill.bucket_for(alone.seqs) is not None:
+            split_ms = report("split-graph", n, timed(mixed, True, graphs=True))
         for k in (0, 4, 8):
             print(f"{'':>14} hold {k} steps: {(k * decode_ms + split_ms) / (k + 1):8.2f} ms/step")
     print(json.dumps(runner.stats()))

@@ -201,3 +201,80 @@ def test_split_mixed_steps_equal_unsplit(tmp_path) -> None:
         assert same == 100, f"{same}/100 identical greedy outputs ({mode})"
         for ours, ref in zip(logits, ref_logits):
             assert float((ours - ref).norm() / ref.norm()) < 1e-4, mode
+
+
+def _graph_vs_eager_prefill_logits(runner) -> float:
+    """Largest relative error of last-row logits: a prefill graph replay vs the eager forward
+    of the same 8 prompts (varied lengths, slots and base rows) on an idle engine's cache."""
+    from lora_cluster.engine.messages import SeqStep
+    from lora_cluster.engine.runner import build_batch
+
+    gen = torch.Generator().manual_seed(3)
+    bs, next_block, seqs = runner.block_size, 0, []
+    for i in range(8):
+        n = int(torch.randint(2, 90, (1,), generator=gen))
+        blocks = tuple(range(next_block, next_block + -(-n // bs)))
+        next_block += len(blocks)
+        seqs.append(SeqStep(seq_id=10**6 + i, token_ids=tuple(
+            torch.randint(4, 380, (n,), generator=gen).tolist()), start_pos=0,
+            new_blocks=blocks, slot=i % 4 - 1, sample=SampleSpec()))
+    tables = [list(s.new_blocks) for s in seqs]
+    with torch.inference_mode():
+        graph = runner.prefill_graphs.run(seqs, tables, bs).float().clone()
+        batch, spans = build_batch(seqs, tables, block_size=bs, device=runner.device)
+        eager = runner.model.forward(batch, runner.kv_cache).float()
+    rows = torch.tensor([end - 1 for _, end in spans], device=eager.device)
+    eager = eager.index_select(0, rows)
+    return float(((graph - eager).norm(dim=-1) / eager.norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_graphs_equal_eager_prefill(tmp_path, dtype: str) -> None:
+    """100 prompts (1-80 tokens, three adapters and base rows, some chunked) through 32 seats,
+    split steps on: prefill parts replayed from the prefill graphs give the greedy tokens of
+    eager prefill forwards (float32, TF32 off); a replay's logits match the eager forward's
+    (float32 1e-4, bfloat16 1e-2 relative)."""
+    cache = FixtureCache(tmp_path)
+    model_dir = cache.model("qwen3_moe")
+    adapters = {n: cache.adapter(model_dir, name=n, **o) for n, o in ADAPTERS.items()}
+    gen = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(4, 380, (int(torch.randint(1, 80, (1,), generator=gen)),),
+                             generator=gen).tolist() for _ in range(100)]
+    names = [[*adapters, None][int(torch.randint(0, 4, (1,), generator=gen))] for _ in range(100)]
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    outputs = {}
+    try:
+        for on in (False, True):
+            cfg = ClusterConfig(model=str(model_dir), device="cuda", dtype=dtype,  # type: ignore[arg-type]
+                                max_loras=4, max_cpu_loras=8, max_lora_rank=16,
+                                kv_cache_bytes=64 << 20, max_num_seqs=32,
+                                max_num_batched_tokens=256, use_cuda_graphs=True)
+            group = LocalRankGroup(cfg)
+            core = ControllerCore(cfg, load_model_spec(model_dir), group,
+                                  Tokenizer.from_model_dir(model_dir))
+            try:
+                assert group.runtime is not None
+                runner = group.runtime.runner
+                assert runner.prefill_graphs is not None
+                runner.set_prefill_graphs(on)
+                runner.split_min_decodes = 1
+                for name, path in adapters.items():
+                    core.load_adapter(name, str(path))
+                handles = [core.submit(p, n, GREEDY) for p, n in zip(prompts, names)]
+                outputs[on] = [h.result(300).token_ids for h in handles]
+                stats = runner.stats()
+                if on:
+                    assert stats["prefill_graph_forwards"] >= 10, stats
+                    assert stats["prefill_graph_capture_ms"] > 0, stats
+                    err = _graph_vs_eager_prefill_logits(runner)
+                    assert err < (1e-2 if dtype == "bfloat16" else 1e-4), err
+                else:
+                    assert stats["prefill_graph_forwards"] == 0
+            finally:
+                core.shutdown()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if dtype == "float32":
+        same = sum(a == b for a, b in zip(outputs[False], outputs[True]))
+        assert same == 100, f"{same}/100 identical greedy outputs"
