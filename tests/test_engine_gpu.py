@@ -212,7 +212,7 @@ def _graph_vs_eager_prefill_logits(runner) -> float:
     gen = torch.Generator().manual_seed(3)
     bs, next_block, seqs = runner.block_size, 0, []
     for i in range(8):
-        n = int(torch.randint(2, 90, (1,), generator=gen))
+        n = int(torch.randint(2, 30, (1,), generator=gen))  # 8 x < 30 rows fit the 256 bucket
         blocks = tuple(range(next_block, next_block + -(-n // bs)))
         next_block += len(blocks)
         seqs.append(SeqStep(seq_id=10**6 + i, token_ids=tuple(

@@ -106,6 +106,7 @@ class RankRuntime:
                                  context_limit=min(self.context_limit,
                                                    self.num_kv_blocks * config.block_size),
                                  max_num_seqs=config.max_num_seqs,
+                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                  is_output_rank=parallel.is_output_rank,
                                  use_cuda_graphs=config.use_cuda_graphs)
         self.runner.capture()
