@@ -42,6 +42,22 @@ def _tier(stats: dict[str, Any], tier: str, key: str) -> int:
     return int(stats.get("tiers", {}).get(tier, {}).get(key, 0))
 
 
+def step_breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+    """Mean ms per step between two ``stats()`` snapshots: the controller's planning, the
+    round trip to the ranks, the output rank's own step, the whole step; and the share of
+    steps that carried a prefill."""
+    steps = int(after.get("steps", 0)) - int(before.get("steps", 0))
+    if steps <= 0 or "step_total_us" not in after:
+        return None
+
+    def per_step(key: str) -> float:
+        return (int(after.get(key, 0)) - int(before.get(key, 0))) / steps / 1e3
+
+    return {"plan": per_step("step_plan_us"), "execute": per_step("step_execute_us"),
+            "rank": per_step("step_rank_us"), "total": per_step("step_total_us"),
+            "prefill_share": per_step("steps_with_prefill") * 1e3}
+
+
 def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Slot hit rate and load counts between two ``stats()`` snapshots."""
     d = {f"{tier}_{key}": _tier(after, tier, key) - _tier(before, tier, key)
@@ -54,6 +70,7 @@ def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         "adapter_loads": d["host_misses"],
         "host_evictions": d["host_evictions"],
         "steps": int(after.get("steps", 0)) - int(before.get("steps", 0)),
+        "step_breakdown_ms": step_breakdown(before, after),
         "server_generated_tokens": (int(after.get("generated_tokens", 0))
                                     - int(before.get("generated_tokens", 0))),
     }

@@ -42,7 +42,7 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per adapter count: throughput, open-loop latency, tiers, baselines."""
     by_n = result.get("engine", {}).get("by_adapters", {})
     ref = headline(by_n["5"]["closed"]) if "5" in by_n else None
-    headers = ["N", "req/s", "tok/s", "vs N=5", "tok/step", "step ms", "TTFT p50/p90/p99 ms",
+    headers = ["N", "req/s", "tok/s", "vs N=5", "tok/step", "step ms", "rank ms", "TTFT p50/p90/p99 ms",
                "TPOT p50/p90/p99 ms", "e2e p99 ms", "slot hit", "disk loads", "PEFT tok/s",
                "merged tok/s", "× PEFT"]
     rows = []
@@ -57,6 +57,7 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{n:,}", _num(c.get("requests_per_s_median", c["requests_per_s"])),
             _num(tok_s, "{:,.0f}"), _num(tok_s / ref if ref else None, "{:.0%}"),
             _num(c.get("tokens_per_step"), "{:.0f}"), _num(c.get("step_ms"), "{:.1f}"),
+            _num((c.get("step_breakdown_ms") or {}).get("rank"), "{:.1f}"),
             "/".join(_ms(o["ttft_s"][p]) for p in ("p50", "p90", "p99")),
             "/".join(_ms(o["tpot_s"][p]) for p in ("p50", "p90", "p99")),
             _ms(o["latency_s"]["p99"]),

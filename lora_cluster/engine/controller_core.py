@@ -315,6 +315,7 @@ class ControllerCore:
     def _step(self) -> bool:
         """Run one step; False when nothing could be scheduled."""
         with self._exec:
+            t0 = time.perf_counter()
             with self._lock:
                 self.adapters.flush_drops_locked()
                 step = self.scheduler.schedule()
@@ -325,18 +326,30 @@ class ControllerCore:
                 hints = self.prefetcher.plan_locked(self.scheduler.waiting)
                 if self.adapters.prefetch.queued_drops:
                     self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
+            t1 = time.perf_counter()
             try:
                 result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan,
                                                  read_ahead=hints))
             except ClusterError as err:
                 self._recover(step, err)
                 return True
+            t2 = time.perf_counter()
             with self._lock:
                 self._failures_in_a_row = 0
                 events = self.scheduler.apply(step, result.tokens, result.logits)
                 self._account(step, len(result.tokens))
                 self._publish(events)
                 self._cv.notify_all()  # an update waiting between its groups may go on
+                # Where a step's time goes (µs totals; a benchmark divides deltas by steps):
+                # planning under the lock, the round trip to the ranks (of which the output
+                # rank's own step time), and the whole step including applying the results.
+                t3 = time.perf_counter()
+                self._counters["step_plan_us"] += int((t1 - t0) * 1e6)
+                self._counters["step_execute_us"] += int((t2 - t1) * 1e6)
+                self._counters["step_rank_us"] += int(result.forward_ms * 1e3)
+                self._counters["step_total_us"] += int((t3 - t0) * 1e6)
+                if any(len(s.token_ids) > 1 for s in step.plan.seqs):
+                    self._counters["steps_with_prefill"] += 1
         return True
 
     def _recover(self, step: ScheduledStep, err: ClusterError) -> None:
