@@ -56,10 +56,12 @@ run_part() {
   local update=()
   if [ -n "$prev" ] && [ "${FRESH:-0}" != "1" ]; then update=(--update "$prev"); fi
   echo "=== parts: $parts ${update[*]:-} ==="
-  $PY benchmarks/e2e.py --preset h100-moe --parts "$parts" --cache-dir "$BENCH_CACHE" \
-    --out "$STATE" "${update[@]}" "$@"
   local dest=${OUT:-$root/benchmarks/results}
   mkdir -p "$dest"
+  # The log goes to $dest as it is written: a call cut short (device time, call limit)
+  # still returns every finished N's lines.
+  $PY benchmarks/e2e.py --preset h100-moe --parts "$parts" --cache-dir "$BENCH_CACHE" \
+    --out "$STATE" "${update[@]}" "$@" 2>&1 | tee -a "$dest/$RESULT_NAME.${parts//,/-}.log"
   cp "$STATE/$RESULT_NAME.json" "$dest/"
   if [ -f "$STATE/$RESULT_NAME.png" ]; then cp "$STATE/$RESULT_NAME.png" "$dest/"; fi
 }
