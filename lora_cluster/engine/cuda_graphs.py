@@ -23,6 +23,28 @@ from lora_cluster.engine.messages import SeqStep
 from lora_cluster.model.batch import ForwardBatch
 
 
+class PackedInputs:
+    """A device int64 buffer that captured graphs read, filled with one host→device copy per
+    step from a pinned staging buffer."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.packed = torch.zeros(size, dtype=torch.int64, device=device)
+        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Set once the last copy has left the staging buffer: a rank that does not sample
+        # never waits on the device otherwise and could overwrite it early.
+        self._copied: torch.cuda.Event | None = None
+
+    def upload(self, host: torch.Tensor) -> None:
+        """Copy ``host`` (int64, ≤ size) into the front of ``packed`` (asynchronously)."""
+        size = host.numel()
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._staging[:size].copy_(host)
+        self.packed[:size].copy_(self._staging[:size], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+
 def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
     """Batch sizes with a graph: 1, 2, 4, 8, then every 16, and ``max_num_seqs`` itself."""
     sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs}
@@ -46,12 +68,9 @@ class DecodeGraphs:
         # Attention is sized by a bucket value, never by a length read back from the device.
         self.max_context_len = max_context_len
         size = self.max_num_seqs * (5 + self.width)
-        self._packed = torch.zeros(size, dtype=torch.int64, device=device)
-        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._inputs = PackedInputs(size, device)
+        self._packed = self._inputs.packed
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Set once the last host→device copy has left the pinned staging buffer: a rank that
-        # does not sample never waits on the device otherwise and could overwrite it early.
-        self._copied: torch.cuda.Event | None = None
         self.replays = 0
 
     def _unpack(self, b: int) -> ForwardBatch:
@@ -116,13 +135,7 @@ class DecodeGraphs:
             flat.extend([0] * (self.width - len(t)))
         flat.extend([0] * (pad * self.width))
         host = torch.tensor(ids + pos + slots + ctx + kv + flat, dtype=torch.int64)
-        size = host.numel()
-        if self._copied is not None:
-            self._copied.synchronize()
-        self._staging[:size].copy_(host)
-        self._packed[:size].copy_(self._staging[:size], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._inputs.upload(host)
         graph, out = self._graphs[b]
         graph.replay()
         self.replays += 1

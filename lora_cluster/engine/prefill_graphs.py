@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lora_cluster.engine.cuda_graphs import PackedInputs
 from lora_cluster.engine.messages import SeqStep
 from lora_cluster.model.batch import ForwardBatch
 
@@ -183,10 +184,9 @@ class PrefillGraphs(_PrefillExecutor):
         super().__init__(model, kv_cache, device=device, buckets=buckets, max_seqs=max_seqs,
                          max_blocks_per_seq=max_blocks_per_seq, max_context_len=max_context_len)
         size = self.layout(self.buckets[-1]).size
-        self._packed = torch.zeros(size, dtype=torch.int64, device=device)
-        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._inputs = PackedInputs(size, device)
+        self._packed = self._inputs.packed
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._copied: torch.cuda.Event | None = None  # see DecodeGraphs: staging reuse
         self.capture_ms = 0.0
         self.capture_bytes = 0
 
@@ -228,13 +228,7 @@ class PrefillGraphs(_PrefillExecutor):
         """Replay the smallest bucket holding ``seqs``; logits [len(seqs), V] (a view of the
         graph's output: consume before this bucket's next replay)."""
         bucket, host = self._pack(seqs, tables, block_size)
-        size = host.numel()
-        if self._copied is not None:
-            self._copied.synchronize()
-        self._staging[:size].copy_(host)
-        self._packed[:size].copy_(self._staging[:size], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._inputs.upload(host)
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:len(seqs)]
