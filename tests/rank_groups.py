@@ -3,7 +3,9 @@
 Each rank is a ``RankRuntime`` over ``ThreadComm``; a step runs every rank on its own thread
 (the collectives meet at a barrier), adapter commands run on every rank in order. It lets
 ``ControllerCore`` drive TP × EP ranks without Ray. ``fail`` injects a typed error from one
-rank for the commands a predicate picks (the other ranks execute them normally).
+rank for the commands a predicate picks (the other ranks execute them normally); for an op
+riding on a step (``Step.adapter_ops``) it fails the step as that rank would, before any rank
+runs it (a real rank would leave the others waiting in the step's collectives until restart).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lora_cluster.engine.messages import (
     StepResult,
 )
 from lora_cluster.engine.rank_runtime import RankRuntime
+from lora_cluster.engine.step_ops import op_failure
 from lora_cluster.errors import ClusterError, LoRAClusterError
 
 
@@ -51,6 +54,11 @@ class ThreadRankGroup:
 
     def execute(self, command: Step) -> StepResult:
         self.commands.append(command)
+        if self.fail is not None:
+            rank, pick, err = self.fail
+            for index, op in enumerate(command.adapter_ops):
+                if pick(op):
+                    raise op_failure(rank, command.seq, index, op, err)
         futures = [self.pool.submit(r.execute, command) for r in self.ranks]
         try:
             results = [f.result(timeout=120) for f in futures]

@@ -80,6 +80,8 @@ class FakeGroup:
         if self.fail_steps:
             self.fail_steps -= 1
             raise ClusterError("rank 0 died (injected)")
+        for op in command.adapter_ops:  # placements and drops riding on the step, in order
+            self._adapter_op(op)
         time.sleep(self.step_delay)
         plan = command.plan
         for seq_id in plan.released:
@@ -106,6 +108,9 @@ class FakeGroup:
             self.host[command.key] = command.path
             return (RankReply(rank=0, result=LoadResult(name=command.name, version=command.version,
                                                          nbytes=1000, breakdown_ms=(("read", 1.0),))),)
+        return self._adapter_op(command)
+
+    def _adapter_op(self, command) -> tuple[RankReply, ...]:
         if isinstance(command, PlaceAdapter):
             assert command.key in self.host, "placing an adapter that is not in the host cache"
             self.slots[command.slot] = command.key

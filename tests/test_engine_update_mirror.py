@@ -124,6 +124,9 @@ class MirrorGroup:
                     self.kill_step_after_update = False
                     raise ClusterError("rank 1 died (injected)", rank=1)
             self._last_was_update = False
+            for op in command.adapter_ops:  # placements and drops riding on the step, in order
+                for r in self.ranks:
+                    r.adapter_command(op, False)
             time.sleep(0.0005)
             tokens = []
             for s in command.plan.seqs:

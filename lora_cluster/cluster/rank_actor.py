@@ -7,6 +7,7 @@ the rank is gone. Score logits stay on this rank until the caller takes them by 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -107,8 +108,7 @@ class RankActorImpl:
                 key = (result.seq, seq_id)
                 self._payloads[key] = tensor
                 keys.append((seq_id, key))
-        return StepResult(seq=result.seq, tokens=result.tokens, logits=tuple(keys),
-                          forward_ms=result.forward_ms)
+        return dataclasses.replace(result, logits=tuple(keys))
 
     def take_payload(self, key: tuple[int, int]) -> torch.Tensor:
         """Hand over (and forget) one held logits tensor."""

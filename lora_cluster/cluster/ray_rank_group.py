@@ -7,6 +7,7 @@ raised), or a reply misses its deadline. Either raises ClusterError; the control
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -97,8 +98,7 @@ class RayRankGroup:
         if result.logits:
             output = self._actors[0]
             refs = tuple((seq_id, output.take_payload.remote(key)) for seq_id, key in result.logits)
-            result = StepResult(seq=result.seq, tokens=result.tokens, logits=refs,
-                                forward_ms=result.forward_ms)
+            result = dataclasses.replace(result, logits=refs)
         return result
 
     def execute_all(self, command: AdapterCommand) -> tuple[RankReply, ...]:

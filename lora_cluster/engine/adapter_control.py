@@ -2,16 +2,17 @@
 
 Tier decisions come from ``adapters.AdapterTiers`` (LRU at both tiers, in-flight refs, pins),
 keyed by adapter *version* so an old version can stay resident beside a new one. Each
-decision is sent to every rank right away, and undone in the tiers if a rank refuses it, so
-the controller's view equals each rank's. Also the scheduler's ``SlotProvider``: a sequence
+decision is sent to every rank (``adapter_commands``) and undone in the tiers if a rank
+refuses it, so the controller's view equals each rank's; while a step is planned
+(``riding``) placements and drops ride on that step instead (``engine/step_ops.py``). Also the scheduler's ``SlotProvider``: a sequence
 binds the current version of its adapter at first admission and keeps it until it finishes;
 an old version that bound sequences still use is held (a tier pin) until the last finishes.
 
 Prefetch (``engine/prefetch.py``) may admit a version to the host tier ahead of its first
 request, under ``lock`` alone: it is then in ``prefetch.admitted`` (the ranks are reading it
 beside the stream) until a ``LoadAdapter`` confirms it, and the victims that made room for it
-wait in ``prefetch.queued_drops`` until the next command sent under ``exec_lock`` — which
-sends their drops first, so a rank's host cache follows the tiers before a load needs room.
+wait in ``prefetch.queued_drops`` until the next command or step under ``exec_lock``, which
+carries their drops first, so a rank's host cache follows the tiers before a load needs room.
 
 Locking (owned by ``ControllerCore``): ``exec_lock`` serializes everything sent to the ranks
 (steps and adapter commands: an adapter never changes in the middle of a step); ``lock``
@@ -20,16 +21,17 @@ guards the state. Order is always exec_lock → lock. Methods named ``*_locked``
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lora_cluster.adapters import AdapterTiers, FailedLoads
 from lora_cluster.api_types import AdapterInfo
 from lora_cluster.api_types import Residency as ResidencyName
 from lora_cluster.config import ClusterConfig
+from lora_cluster.engine.adapter_commands import AdapterCommands, SendAll, first_error
 from lora_cluster.engine.adapter_source import inspect_adapter
 from lora_cluster.engine.messages import (
     AdapterCommand,
@@ -39,37 +41,23 @@ from lora_cluster.engine.messages import (
     LoadResult,
     PlaceAdapter,
     PlaceResult,
-    RankReply,
 )
 from lora_cluster.engine.prefetch_book import PrefetchBook
 from lora_cluster.engine.registry import AdapterMeta, AdapterRecord
+from lora_cluster.engine.step_ops import StepOp, StepOps
 from lora_cluster.errors import (
     AdapterError,
     CapacityError,
-    ClusterError,
     LoRAClusterError,
     RequestError,
     UnknownAdapterError,
 )
 from lora_cluster.model.spec import ModelSpec
 
-SendAll = Callable[[Callable[[int], AdapterCommand]], tuple[RankReply, ...]]
-logger = logging.getLogger("lora_cluster.engine")
-
 
 def tier_id(key: AdapterKey) -> str:
     """The tiers' name for one adapter version."""
     return f"{key[0]}@v{key[1]}"
-
-
-def _first_error(replies: tuple[RankReply, ...]) -> LoRAClusterError | None:
-    for reply in replies:
-        if reply.error is not None:
-            err = reply.error
-            if isinstance(err, LoRAClusterError):
-                return err
-            return ClusterError(f"rank {reply.rank}: {type(err).__name__}: {err}", rank=reply.rank)
-    return None
 
 
 class AdapterControl:
@@ -78,7 +66,6 @@ class AdapterControl:
     def __init__(self, config: ClusterConfig, spec: ModelSpec, send_all: SendAll) -> None:
         self.config = config
         self.spec = spec
-        self._send_all = send_all
         self.records: dict[str, AdapterRecord] = {}
         self.loading: dict[str, AdapterRecord | None] = {}
         self.tiers = AdapterTiers(config.max_loras, config.max_cpu_loras)
@@ -93,6 +80,8 @@ class AdapterControl:
         self._versions: dict[str, int] = {}
         self._pending_drops: list[AdapterKey] = []
         self.prefetch = PrefetchBook()  # versions admitted ahead of use, their victims
+        self.step_ops = StepOps()  # placements and drops riding on the step being planned
+        self.commands = AdapterCommands(send_all, self.prefetch, self.step_ops)
 
     # ---------------------------------------------------------------- inspection
     def inspect(self, name: str, source: str) -> tuple[str, AdapterMeta]:
@@ -188,34 +177,37 @@ class AdapterControl:
         self.retire_locked(rec.key)
 
     # ---------------------------------------------------------------- rank commands
-    def _send(self, build: Callable[[int], AdapterCommand]) -> tuple[RankReply, ...]:
-        """Send one command to every rank (caller holds exec_lock), queued drops first."""
-        self.send_queued_drops()
-        return self._send_all(build)
+    def _run(self, build: Callable[[int], AdapterCommand]) -> list[Any]:
+        return self.commands.run(build)
 
     def send_queued_drops(self) -> None:
-        """Drop prefetch's victims on the ranks (caller holds exec_lock). A failure (a dead
-        rank) is left to the next step, which rebuilds the group from the tiers."""
-        drops, self.prefetch.queued_drops = list(self.prefetch.queued_drops), {}
-        for name, version in drops:
-            try:
-                err = _first_error(self._send_all(
-                    lambda seq: DropAdapter(seq=seq, name=name, version=version)))  # noqa: B023
-            except LoRAClusterError as exc:
-                err = exc
-            if err is not None:
-                logger.warning("dropping %s@v%d (a prefetch victim) on the ranks: %s",
-                               name, version, err)
+        self.commands.send_queued_drops()
 
-    def _run(self, build: Callable[[int], AdapterCommand]) -> list[Any]:
-        replies = self._send(build)
-        err = _first_error(replies)
-        if err is not None:
-            raise err
-        return [r.result for r in replies]
+    @contextlib.contextmanager
+    def riding(self) -> Iterator[StepOps]:
+        """Record placements and drops for the step being planned (caller holds both locks);
+        what the caller has not taken (``step_ops.take()``) is sent standalone on exit."""
+        self.step_ops.begin()
+        try:
+            yield self.step_ops
+        finally:
+            for op in self.step_ops.take():
+                if isinstance(op, PlaceAdapter):
+                    self._place_now(op.key, op.slot)
+                else:
+                    self.commands.send_quietly(op, "planned with no step to ride")
+
+    def ops_applied(self, ops: tuple[StepOp, ...], results: tuple[Any, ...]) -> None:
+        """Record the ranks' reports on the ops a finished step carried."""
+        for i, op in enumerate(ops):
+            if isinstance(op, PlaceAdapter):  # (a test double may report no results)
+                self._record_place(op.key, list(results[i:i + 1]))
 
     def _drop_on_ranks(self, key: AdapterKey) -> None:
         self.prefetch.forget(key)
+        if self.step_ops.open:
+            self.step_ops.drop(key)
+            return
         self._run(lambda seq: DropAdapter(seq=seq, name=key[0], version=key[1]))
 
     def load_locked(self, key: AdapterKey, path: str) -> list[LoadResult]:
@@ -230,10 +222,10 @@ class AdapterControl:
                 self._forget_if_dead(self.keys[victim])
         self.keys[tid] = key
         name, version = key
-        replies = self._send(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
+        replies = self.commands.send(lambda seq: LoadAdapter(seq=seq, name=name, version=version,
                                                      path=path))
         self.prefetch.record_load(replies, confirming)
-        err = _first_error(replies)
+        err = first_error(replies)
         if err is not None:
             # Ranks that succeeded drop their copy again: all or nothing.
             self.tiers.remove(tid)
@@ -250,17 +242,27 @@ class AdapterControl:
         placement = self.tiers.acquire(tid)  # a hit only refreshes its LRU position
         if hit:
             return placement.slot
+        if self.step_ops.open:
+            self.step_ops.place(key, placement.slot)  # the step carries it; its result later
+        else:
+            self._place_now(key, placement.slot)
+        return placement.slot
+
+    def _place_now(self, key: AdapterKey, slot: int) -> None:
+        """Send a placement the tiers already made; undone in the tiers if a rank refuses."""
         try:
             results = self._run(lambda seq: PlaceAdapter(seq=seq, name=key[0], version=key[1],
-                                                         slot=placement.slot))
+                                                         slot=slot))
         except LoRAClusterError:
-            self.tiers.evict_device(tid)
+            self.tiers.evict_device(tier_id(key))
             raise
+        self._record_place(key, results)
+
+    def _record_place(self, key: AdapterKey, results: list[Any]) -> None:
         rec = self.records.get(key[0])
         if rec is not None and rec.version == key[1]:
             rec.place_ms = max((r.ms for r in results if isinstance(r, PlaceResult)), default=0.0)
             rec.places += 1
-        return placement.slot
 
     def _forget_if_dead(self, key: AdapterKey) -> None:
         """Forget the path of a version nothing will ever load again."""

@@ -36,7 +36,7 @@ from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.adapter_update import LayerwiseUpdater
 from lora_cluster.engine.block_manager import BlockManager
-from lora_cluster.engine.messages import AdapterCommand, RankReply, Step
+from lora_cluster.engine.messages import AdapterCommand, PlaceAdapter, RankReply, Step
 from lora_cluster.engine.prefetch import Prefetcher
 from lora_cluster.engine.prompts import Prompt, eos_ids, per_prompt, prompt_ids
 from lora_cluster.engine.rank_group import RankGroup
@@ -45,6 +45,7 @@ from lora_cluster.engine.read_ahead import read_ahead_depth
 from lora_cluster.engine.request_handle import RequestHandle, wait_all
 from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
 from lora_cluster.engine.sequence import Sequence as Seq
+from lora_cluster.engine.step_ops import StepOp, failed_op, op_cause
 from lora_cluster.engine.tokenizer import Tokenizer
 from lora_cluster.errors import (
     ClusterError,
@@ -316,7 +317,9 @@ class ControllerCore:
         """Run one step; False when nothing could be scheduled."""
         with self._exec:
             t0 = time.perf_counter()
-            with self._lock:
+            # Slot placements and host drops decided while planning ride on the step (one
+            # round trip instead of one per adapter: engine/step_ops.py).
+            with self._lock, self.adapters.riding() as riding:
                 self.adapters.flush_drops_locked()
                 step = self.scheduler.schedule()
                 self._publish(self.scheduler.take_events())
@@ -324,18 +327,23 @@ class ControllerCore:
                     return False
                 # The queue moved on: the ranks read its next adapters beside this step.
                 hints = self.prefetcher.plan_locked(self.scheduler.waiting)
-                if self.adapters.prefetch.queued_drops:
-                    self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
+                self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
+                ops = riding.take()
             t1 = time.perf_counter()
             try:
                 result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan,
-                                                 read_ahead=hints))
+                                                 read_ahead=hints, adapter_ops=ops))
             except ClusterError as err:
-                self._recover(step, err)
+                self._recover(step, err, ops)
                 return True
             t2 = time.perf_counter()
             with self._lock:
                 self._failures_in_a_row = 0
+                if ops:
+                    self.adapters.ops_applied(ops, result.adapter_results)
+                    places = sum(isinstance(op, PlaceAdapter) for op in ops)
+                    self._counters["placements_on_step"] += places
+                    self._counters["drops_on_step"] += len(ops) - places
                 events = self.scheduler.apply(step, result.tokens, result.logits)
                 self._account(step, len(result.tokens))
                 self._publish(events)
@@ -352,12 +360,16 @@ class ControllerCore:
                     self._counters["steps_with_prefill"] += 1
         return True
 
-    def _recover(self, step: ScheduledStep, err: ClusterError) -> None:
+    def _recover(self, step: ScheduledStep, err: ClusterError,
+                 ops: tuple[StepOp, ...] = ()) -> None:
         """Rebuild the rank group after a failed step (caller holds ``_exec``)."""
         with self._lock:
             self._failures_in_a_row += 1
             self._counters["rank_group_restarts"] += 1
             self.scheduler.preempt_all()
+            failed = failed_op(err, ops)
+            if isinstance(failed, PlaceAdapter):
+                self._fail_placement(step, failed, op_cause(err))
             if self._failures_in_a_row > 1:
                 for seq, _ in step.entries:
                     self.scheduler.abort(seq, error=err)
@@ -371,6 +383,20 @@ class ControllerCore:
             with self._lock:
                 self._broken = ClusterError(f"rank group could not be rebuilt: {fatal}")
                 self._fail_all(self._broken)
+
+    def _fail_placement(self, step: ScheduledStep, op: PlaceAdapter,
+                        cause: LoRAClusterError) -> None:
+        """A ridden placement failed on a rank: the step's requests that needed it fail with
+        the rank's typed cause; the rebuilt group does not re-place it (the next request for
+        it places it again). Caller holds ``_lock``, after ``preempt_all``."""
+        self._counters["step_op_failures"] += 1
+        logger.warning("step failed on its placement of %s@v%d: %s", op.name, op.version, cause)
+        for seq, _ in step.entries:
+            if seq.adapter == op.key:
+                self.scheduler.abort(seq, error=cause)
+        self._publish(self.scheduler.take_events())
+        with contextlib.suppress(RequestError):  # still held (a pin): restore re-places it
+            self.adapters.tiers.evict_device(tier_id(op.key))
 
     def _resize_blocks(self, num_blocks: int) -> None:
         if num_blocks < self.scheduler.cfg.num_blocks:

@@ -7,6 +7,9 @@ token, its position and the KV blocks appended since the last step — never his
 A step also carries read-ahead hints (``ReadAheadHint``): adapter versions the rank starts
 reading into a side buffer on a reader thread; they change no state the controller mirrors
 (only a later, ordered ``LoadAdapter`` takes from that buffer), so they cost the step nothing.
+A step also carries the slot placements and host drops decided while planning it
+(``Step.adapter_ops``, see ``engine/step_ops.py``): the ranks apply them in order before the
+forward, so admitting a request whose adapter is off the device costs no extra round trip.
 No torch here: messages cross process boundaries as plain picklable dataclasses.
 """
 
@@ -180,10 +183,13 @@ class DropAdapter(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class Step(Command):
-    """Run one forward step; start the background reads of ``read_ahead`` first."""
+    """Apply ``adapter_ops`` in order (placements and drops decided while planning this step,
+    their own ``seq`` unused), start the background reads of ``read_ahead``, then run one
+    forward step."""
 
     plan: StepPlan
     read_ahead: tuple[ReadAheadHint, ...] = ()
+    adapter_ops: tuple[PlaceAdapter | DropAdapter, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,12 +238,15 @@ class StepResult:
     logits: (seq_id, payload) for every scoring sequence that emitted; the payload is opaque
             to the controller (a float32 [len, V] tensor in-process, an object reference once
             the Ray shell has put it in the object store)
+    adapter_results: what the step's ridden adapter ops returned, in order
     """
 
     seq: int
     tokens: tuple[tuple[int, int], ...] = ()
     logits: tuple[tuple[int, Any], ...] = ()
     forward_ms: float = 0.0
+    # One entry per ``Step.adapter_ops`` (the output rank's PlaceResult, None for a drop).
+    adapter_results: tuple[PlaceResult | None, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

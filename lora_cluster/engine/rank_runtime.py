@@ -23,6 +23,7 @@ each (the drop comes with its next command), so cache plus buffer stay within
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from typing import Any
@@ -48,6 +49,7 @@ from lora_cluster.engine.messages import (
 from lora_cluster.engine.read_ahead import ReadAhead, read_ahead_depth
 from lora_cluster.engine.runner import StepRunner
 from lora_cluster.engine.slot_activation import SlotActivator, slot_ready
+from lora_cluster.engine.step_ops import op_failure
 from lora_cluster.engine.update_staging import StagedUpdate
 from lora_cluster.errors import ClusterError, ConfigError, LoRAClusterError
 from lora_cluster.model.kv_cache import KVCache, kv_budget_bytes, num_blocks_for_budget
@@ -156,11 +158,16 @@ class RankRuntime:
     def _dispatch(self, command: AnyCommand) -> StepResult | LoadResult | PlaceResult | None:
         if isinstance(command, Step):
             self.steps += 1
+            # Placements and drops planned with this step, before it (see engine/step_ops.py).
+            done = self._apply_ops(command) if command.adapter_ops else ()
             if command.read_ahead:
                 self.read_ahead.offer(command.read_ahead)
             # Only this step's own adapters: a slot still being written elsewhere is not waited on.
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
-            return self.runner.run(command.plan, command.seq)
+            result = self.runner.run(command.plan, command.seq)
+            if done and isinstance(result, StepResult):  # only the output rank returns one
+                result = dataclasses.replace(result, adapter_results=done)
+            return result
         if isinstance(command, LoadAdapter):
             return self._load(command)
         if isinstance(command, UpdateAdapter):
@@ -177,6 +184,23 @@ class RankRuntime:
             self.close()
             return None
         raise ClusterError(f"rank {self.parallel.rank}: unknown command {type(command).__name__}")
+
+    def _apply_ops(self, command: Step) -> tuple[PlaceResult | None, ...]:
+        """Run a step's ridden ops in order, exactly as their standalone commands would; the
+        first that fails fails the step (before its forward) with ``op_failure``'s error."""
+        out: list[PlaceResult | None] = []
+        for index, op in enumerate(command.adapter_ops):
+            try:
+                if isinstance(op, PlaceAdapter):
+                    out.append(self._place(op))
+                elif isinstance(op, DropAdapter):
+                    self._drop(op.key)
+                    out.append(None)
+                else:
+                    raise ClusterError(f"{type(op).__name__} cannot ride on a step")
+            except Exception as err:
+                raise op_failure(self.parallel.rank, command.seq, index, op, err) from err
+        return tuple(out)
 
     def _read(self, path: str, name: str, version: int) -> tuple[AdapterWeights, dict[str, float]]:
         """This rank's slices of one adapter version, and where the time went."""
