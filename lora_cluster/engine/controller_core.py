@@ -28,14 +28,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from lora_cluster.api_types import AdapterInfo, GenerationResult
+from lora_cluster.api_types import GenerationResult
 from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.adapter_update import LayerwiseUpdater
 from lora_cluster.engine.block_manager import BlockManager
+from lora_cluster.engine.controller_adapters import AdapterAdmin
 from lora_cluster.engine.messages import AdapterCommand, PlaceAdapter, RankReply, Step
 from lora_cluster.engine.prefetch import Prefetcher
 from lora_cluster.engine.prompts import Prompt, eos_ids, per_prompt, prompt_ids
@@ -60,7 +61,7 @@ _RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing wind
 _YIELD_WAIT_S = 0.25  # between update groups: how long to wait for the step loop's next step
 
 
-class ControllerCore:
+class ControllerCore(AdapterAdmin):
     """Registry, tiers, scheduler and step loop of one replica, driving a ``RankGroup``."""
 
     def __init__(self, config: ClusterConfig, spec: ModelSpec, rank_group: RankGroup,
@@ -102,102 +103,6 @@ class ControllerCore:
         self._broken: LoRAClusterError | None = None
         self._thread = threading.Thread(target=self._loop, name="lora-cluster-steps", daemon=True)
         self._thread.start()
-
-    # ================================================================ adapters
-    def load_adapter(self, name: str, source: str) -> AdapterInfo:
-        """Register ``name`` from ``source`` and read it into every rank's host cache.
-
-        Idempotent for the same source; a bad adapter raises its typed error, leaves the
-        registry unchanged, and is remembered for ``failed_load_ttl_s``.
-        """
-        source = str(source)
-        self.adapters.check_failed(name, source)
-        with self._cv:
-            self._check_open()
-            self._cv.wait_for(lambda: name not in self.adapters.loading)
-            rec = self.adapters.records.get(name)
-            if rec is not None:
-                if rec.source == source:
-                    return self.adapters.info(name)
-                raise RequestError(
-                    f"adapter {name!r} is already registered from {rec.source!r}; use "
-                    f"update_adapter to replace its weights or evict_adapter first", field="name")
-            self.adapters.loading[name] = None
-        try:
-            path, meta = self.adapters.inspect(name, source)
-            with self._exec, self._lock:
-                return self.adapters.register_locked(name, source, path, meta)
-        except LoRAClusterError as err:
-            self.adapters.remember_failure(name, source, err)
-            raise
-        finally:
-            with self._cv:
-                self.adapters.loading.pop(name, None)
-                self._cv.notify_all()
-
-    def register_adapters(self, sources: Mapping[str, str] | Sequence[tuple[str, str]]
-                          ) -> list[AdapterInfo]:
-        """Validate adapters (config + header) and register them on disk only: each loads on
-        its first request. All or nothing: a bad one raises its typed error, none registers."""
-        checked = self.adapters.inspect_many(sources)
-        names = {c[0] for c in checked}
-        with self._cv:
-            self._check_open()
-            self._cv.wait_for(lambda: names.isdisjoint(self.adapters.loading))
-            return self.adapters.register_on_disk(checked)
-
-    def update_adapter(self, name: str, source: str) -> AdapterInfo:
-        """Stage new weights for ``name`` layer group by layer group on every rank while steps
-        keep running, then switch to the new version at a step boundary.
-
-        Requests admitted before the switch finish on the old version (kept resident until
-        they do); later ones use the new one — never a mix. A failed update (refused source,
-        a bad read mid-way, a rank failure) raises its typed error and leaves the old version
-        serving, with the new version's staging freed (see ``engine/adapter_update.py``).
-        """
-        source = str(source)
-        with self._lock:
-            self.adapters.record(name)
-        try:
-            path, meta = self.adapters.inspect(name, source)
-        except LoRAClusterError as err:
-            with self._lock:
-                self.adapters.update_failures_by_cause[err.code] += 1
-            raise
-        with self._cv:
-            self._check_open()
-            # One load or update of a name at a time.
-            self._cv.wait_for(lambda: name not in self.adapters.loading)
-            self.adapters.loading[name] = None
-        try:
-            return self.updates.run(name, source, path, meta)
-        finally:
-            with self._cv:
-                self.adapters.loading.pop(name, None)
-                self._cv.notify_all()
-
-    def evict_adapter(self, name: str) -> None:
-        """Unregister ``name``; requests already running on it finish first."""
-        with self._exec, self._lock:
-            self.adapters.unregister_locked(name)
-
-    def pin_adapter(self, name: str) -> None:
-        """Keep ``name`` in a device slot until ``unpin_adapter`` (loads it there now)."""
-        with self._exec, self._lock:
-            rec = self.adapters.record(name)
-            self.adapters.pin_locked(rec.key)
-            rec.pinned = True
-
-    def unpin_adapter(self, name: str) -> None:
-        """Let LRU evict ``name`` again."""
-        with self._lock:
-            rec = self.adapters.record(name)
-            self.adapters.tiers.unpin(tier_id(rec.key))
-            rec.pinned = False
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        with self._lock:
-            return self.adapters.infos()
 
     # ================================================================ requests
     def submit(self, prompt: Prompt, adapter: str | None = None,
