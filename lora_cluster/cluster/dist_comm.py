@@ -14,16 +14,37 @@ import torch.distributed as dist
 
 from lora_cluster.model.parallel import ParallelInfo
 
+# Every rank process gets these whatever its environment says (rank actors through their Ray
+# runtime_env, see rank_actor.py): NVLink multicast stays off on shared hosts.
+FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# ...and these unless the environment already says otherwise. A collective that outlives the
+# process group's timeout (a peer died mid-step) makes NCCL's watchdog end this process (3:
+# without tearing down communicators, which can itself hang on a dead peer) rather than leave
+# it spinning on the GPU; the controller then sees the rank gone and rebuilds the group.
+# Collectives replayed from CUDA graphs have no Work for the watchdog (or a blocking wait) to
+# watch: a rank stuck in one is ended by the controller, whose step deadline or dead-peer
+# check tears the whole group down (ray.kill). No flight-recorder dump on timeout: it would
+# delay the exit.
+DEFAULT_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+
+
+def apply_nccl_env() -> None:
+    """Set this process's NCCL environment (before any communicator exists)."""
+    os.environ.update(FORCED_ENV)
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 class TorchDistComm:
-    """Collectives for one rank; ``close()`` destroys the process group."""
+    """Collectives for one rank; ``close()`` destroys the process group.
+
+    ``timeout_s`` bounds the rendezvous and every collective (NCCL: see ``DEFAULT_ENV``).
+    """
 
     def __init__(self, parallel: ParallelInfo, master_addr: str, master_port: int,
                  backend: str, timeout_s: float) -> None:
         if backend == "nccl":
-            # NVLink multicast must stay off on shared hosts.
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-            os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+            apply_nccl_env()
         self.parallel = parallel
         self.backend = backend
         dist.init_process_group(

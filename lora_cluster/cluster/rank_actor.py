@@ -16,6 +16,7 @@ from typing import Any, cast
 import ray
 import torch
 
+from lora_cluster.cluster.dist_comm import FORCED_ENV
 from lora_cluster.config import ClusterConfig
 from lora_cluster.engine.messages import RankReply, Shutdown, Step, StepResult
 from lora_cluster.errors import ClusterError, LoRAClusterError
@@ -123,7 +124,11 @@ class RankActorImpl:
 
 
 # max_restarts=0: a collective group cannot survive a restarted member; the controller rebuilds.
-RankActor: Any = cast(Any, ray.remote)(max_restarts=0, max_concurrency=4)(RankActorImpl)
+# The forced NCCL variables (NVLink multicast off) are in the process from its start, before
+# torch or NCCL reads any of them.
+RankActor: Any = cast(Any, ray.remote)(
+    max_restarts=0, max_concurrency=4,
+    runtime_env={"env_vars": dict(FORCED_ENV)})(RankActorImpl)
 
 
 def _portable(exc: BaseException, rank: int) -> LoRAClusterError:
