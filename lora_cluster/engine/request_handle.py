@@ -16,7 +16,12 @@ class RequestHandle:
     def __init__(self, request_id: int, cancel: Callable[[int], None]) -> None:
         self.request_id = request_id
         self._cancel = cancel
-        self._cv = threading.Condition()
+        # Two conditions on one lock: a new token wakes only streaming readers, so a thread
+        # waiting for the final result is not woken once per token (with ~100 requests in a
+        # step that is ~100 needless wake-ups competing with the step loop for the GIL).
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)  # done: result / logits waiters
+        self._cv_tokens = threading.Condition(lock)  # tokens or done: stream readers
         self._tokens: list[int] = []
         self._result: GenerationResult | None = None
         self._logits: Any = None
@@ -25,9 +30,9 @@ class RequestHandle:
 
     # ---------------------------------------------------------------- producer side
     def _push(self, token: int) -> None:
-        with self._cv:
+        with self._cv_tokens:
             self._tokens.append(token)
-            self._cv.notify_all()
+            self._cv_tokens.notify_all()
 
     def _finish(self, result: GenerationResult | None, *, logits: Any = None,
                 error: LoRAClusterError | None = None) -> None:
@@ -35,6 +40,7 @@ class RequestHandle:
             self._result, self._logits, self._error = result, logits, error
             self._done = True
             self._cv.notify_all()
+            self._cv_tokens.notify_all()
 
     # ---------------------------------------------------------------- consumer side
     @property
@@ -69,8 +75,8 @@ class RequestHandle:
             return len(self._tokens) > seen or self._done
 
         while True:
-            with self._cv:
-                ready = self._cv.wait_for(progressed, timeout)
+            with self._cv_tokens:
+                ready = self._cv_tokens.wait_for(progressed, timeout)
                 if not ready:
                     raise ClusterError(f"request {self.request_id}: no token within {timeout} s",
                                        request_id=self.request_id)

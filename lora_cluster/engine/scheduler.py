@@ -193,6 +193,8 @@ class Scheduler:
 
         Returns (seq still runs, something was preempted).
         """
+        if self.blocks.can_grow(seq.seq_id, total):
+            return True, False  # the common case: no set of this step's sequences to build
         evicted = False
         taken = {id(s) for s, _ in scheduled}
         while not self.blocks.can_grow(seq.seq_id, total):
