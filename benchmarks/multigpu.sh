@@ -23,6 +23,7 @@ export PYTHONPATH="$HOME/.cache/gpu-site:$root:$root/kernels${PYTHONPATH:+:$PYTH
 # NVLink multicast off in this process and everything it starts (Ray's raylet and workers
 # inherit it; the rank actors also get it through their runtime_env).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 RAY_DISABLE_USAGE_STATS=1
+export PYTHONUNBUFFERED=1  # log lines reach the return folder as they are printed
 PY=${PYTHON:-python3}
 dest=${OUT:-$root/benchmarks/results}
 mkdir -p "$dest"
@@ -65,6 +66,14 @@ run_tests() {
   local status=${PIPESTATUS[0]}
   echo "tests exit status: $status" | tee -a "$dest/multigpu_tests_${tag}x${ngpu}.log"
   [ "$status" = 0 ] || rc=1
+  stop_stray_ray "$status"
+}
+# A part stopped by its time limit may leave its embedded Ray (holding GPUs) behind.
+stop_stray_ray() {
+  if [ "$1" = 124 ] || [ "$1" = 137 ]; then
+    echo "part stopped by its time limit: stopping its Ray"
+    $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+  fi
 }
 run_bench() {
   echo "=== ep_scaling (limit ${BENCH_LIMIT_S:-300}s) ==="
@@ -75,6 +84,7 @@ run_bench() {
   local status=${PIPESTATUS[0]}
   echo "bench exit status: $status" | tee -a "$dest/ep_scaling_${tag}x${ngpu}.log"
   [ "$status" = 0 ] || rc=1
+  stop_stray_ray "$status"
 }
 
 case "$part" in
