@@ -7,7 +7,7 @@ Dry run (CPU, tiny model, gloo, seconds):
     .venv/bin/python benchmarks/ep_scaling.py --device cpu
 
 Model (cuda): a Qwen3-30B-A3B-shaped MoE cut to ``--layers`` layers and a 32k vocab (H=2048,
-32 q / 4 kv heads of 128, 128 experts top-8, expert I=768): the experts hold ~90% of the
+32 q / 4 kv heads of 128, 128 experts top-8, expert I=768): the experts hold ~88% of the
 weights. Random bf16 weights and ``--adapters`` rank-16 attention+expert PEFT adapters are
 written at run time under ``--cache-dir`` (reused while the machine is warm).
 
