@@ -13,7 +13,8 @@
 #
 #   bash benchmarks/multigpu.sh [all|tests|bench] [extra ep_scaling.py flags…]
 # Time limits per part (seconds; a part past its limit is stopped and the next one runs):
-# TESTS_LIMIT_S (default 330), BENCH_LIMIT_S (default 300).
+# TESTS_LIMIT_S (default 270), BENCH_LIMIT_S (default 250): with ~60 s of install both fit one
+# 10-minute call.
 # Proof run without a GPU (CPU ranks over gloo, tiny model; seconds to a minute):
 #   LORA_CLUSTER_MULTIGPU_CPU=1 PYTHON=.venv/bin/python OUT=/tmp/mg bash benchmarks/multigpu.sh
 set -uo pipefail
@@ -59,8 +60,8 @@ EOF
 
 rc=0
 run_tests() {
-  echo "=== multigpu tests (limit ${TESTS_LIMIT_S:-330}s) ==="
-  timeout -k 10 "${TESTS_LIMIT_S:-330}" $PY -m pytest -m multigpu tests/test_multigpu.py \
+  echo "=== multigpu tests (limit ${TESTS_LIMIT_S:-270}s) ==="
+  timeout -k 10 "${TESTS_LIMIT_S:-270}" $PY -m pytest -m multigpu tests/test_multigpu.py \
     -v -s -rA --durations=0 -p no:cacheprovider 2>&1 \
     | tee "$dest/multigpu_tests_${tag}x${ngpu}.log"
   local status=${PIPESTATUS[0]}
@@ -76,8 +77,8 @@ stop_stray_ray() {
   fi
 }
 run_bench() {
-  echo "=== ep_scaling (limit ${BENCH_LIMIT_S:-300}s) ==="
-  timeout -k 10 "${BENCH_LIMIT_S:-300}" $PY benchmarks/ep_scaling.py --device "$device" \
+  echo "=== ep_scaling (limit ${BENCH_LIMIT_S:-250}s) ==="
+  timeout -k 10 "${BENCH_LIMIT_S:-250}" $PY benchmarks/ep_scaling.py --device "$device" \
     --cache-dir "$HOME/.cache/lora_cluster/ep" --out "$dest" "$@" 2>&1 \
     | grep --line-buffered -v "Token authentication is enabled" \
     | tee "$dest/ep_scaling_${tag}x${ngpu}.log"
