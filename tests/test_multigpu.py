@@ -36,7 +36,9 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"
 CPU_MODE = os.environ.get("LORA_CLUSTER_MULTIGPU_CPU") == "1"
 DEVICE = "cpu" if CPU_MODE else "cuda"
 
-pytestmark = [pytest.mark.multigpu, pytest.mark.ray]
+pytestmark = [pytest.mark.multigpu, pytest.mark.ray,
+              pytest.mark.skipif(not CPU_MODE and torch.cuda.device_count() < 2,
+                                 reason="needs 2+ CUDA devices (or LORA_CLUSTER_MULTIGPU_CPU=1)")]
 
 ADAPTERS = {
     "attn": {"targets": ["attention"], "r": 8, "alpha": 16, "seed": 71},
@@ -175,6 +177,74 @@ def single(assets: Any) -> Callable[[str], Outputs]:
     return get
 
 
+# First: cheap, and independent of Ray (a call cut short still has it).
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_worker(rank: int, port: int, device: str, timeout_s: float, queue: Any) -> None:
+    """One rank of a 2-rank group: both all-reduce once, then rank 1 dies and rank 0 tries a
+    second all-reduce. Reports what rank 0 saw; a watchdog abort ends the process instead."""
+    from lora_cluster.cluster.dist_comm import TorchDistComm
+    from lora_cluster.model.parallel import ParallelInfo
+
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if device == "cuda" else "gloo"
+    comm = TorchDistComm(ParallelInfo.from_rank(rank, 1, 2, "contiguous"), "127.0.0.1", port,
+                         backend, timeout_s=timeout_s)
+    x = torch.ones(1024, device=device)
+    comm.all_reduce_world(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    queue.put((rank, "first", float(x[0])))
+    if rank == 1:
+        os._exit(0)
+    time.sleep(1.0)  # rank 1 is gone by now
+    try:
+        comm.all_reduce_world(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        queue.put((rank, "completed", float(x[0])))
+    except BaseException as exc:
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}"[:300]))
+    os._exit(0)
+
+
+def test_collective_with_a_dead_peer_ends_within_the_timeout() -> None:
+    _need(2)
+    timeout_s = 10.0
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()  # writes at put(): nothing lost to os._exit
+    port = _free_port()
+    procs = [ctx.Process(target=_collective_worker, args=(r, port, DEVICE, timeout_s, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[1].join(timeout=120)
+        started = time.monotonic()
+        procs[0].join(timeout=timeout_s + 60)
+        took = time.monotonic() - started
+        assert not procs[0].is_alive(), "rank 0 hung in a collective with a dead peer"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    seen: list[tuple[int, str, Any]] = []
+    while not queue.empty():
+        seen.append(queue.get())
+    print(f"\n[dead peer] rank 0 ended {took:.1f}s after rank 1 (exit {procs[0].exitcode}): {seen}")
+    assert {(r, what) for r, what, _ in seen} >= {(0, "first"), (1, "first")}, seen
+    assert all(v == 2.0 for _, what, v in seen if what == "first"), seen
+    assert not any(what == "completed" for _, what, _ in seen), seen
+    # Either the collective raised in rank 0, or NCCL's watchdog ended the process.
+    assert any(what == "error" for _, what, _ in seen) or procs[0].exitcode != 0, seen
+
+
 @pytest.mark.parametrize(("tp", "ep"), LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])
 def test_float32_tokens_equal_single_gpu(assets: Any, single: Any, tp: int, ep: int) -> None:
     _need(tp * ep)
@@ -245,70 +315,3 @@ def test_killed_rank_mid_batch_is_bounded_and_the_cluster_serves_again(
         assert [list(r.token_ids)[:MAX_NEW] for r in again] == want.tokens
         if "results" in out:
             assert [r.token_ids for r in out["results"]] == [r.token_ids for r in again]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _collective_worker(rank: int, port: int, device: str, timeout_s: float, queue: Any) -> None:
-    """One rank of a 2-rank group: both all-reduce once, then rank 1 dies and rank 0 tries a
-    second all-reduce. Reports what rank 0 saw; a watchdog abort ends the process instead."""
-    from lora_cluster.cluster.dist_comm import TorchDistComm
-    from lora_cluster.model.parallel import ParallelInfo
-
-    torch.set_num_threads(1)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    backend = "nccl" if device == "cuda" else "gloo"
-    comm = TorchDistComm(ParallelInfo.from_rank(rank, 1, 2, "contiguous"), "127.0.0.1", port,
-                         backend, timeout_s=timeout_s)
-    x = torch.ones(1024, device=device)
-    comm.all_reduce_world(x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    queue.put((rank, "first", float(x[0])))
-    if rank == 1:
-        os._exit(0)
-    time.sleep(1.0)  # rank 1 is gone by now
-    try:
-        comm.all_reduce_world(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        queue.put((rank, "completed", float(x[0])))
-    except BaseException as exc:
-        queue.put((rank, "error", f"{type(exc).__name__}: {exc}"[:300]))
-    os._exit(0)
-
-
-def test_collective_with_a_dead_peer_ends_within_the_timeout() -> None:
-    _need(2)
-    timeout_s = 10.0
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()  # writes at put(): nothing lost to os._exit
-    port = _free_port()
-    procs = [ctx.Process(target=_collective_worker, args=(r, port, DEVICE, timeout_s, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        procs[1].join(timeout=120)
-        started = time.monotonic()
-        procs[0].join(timeout=timeout_s + 60)
-        took = time.monotonic() - started
-        assert not procs[0].is_alive(), "rank 0 hung in a collective with a dead peer"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    seen: list[tuple[int, str, Any]] = []
-    while not queue.empty():
-        seen.append(queue.get())
-    print(f"\n[dead peer] rank 0 ended {took:.1f}s after rank 1 (exit {procs[0].exitcode}): {seen}")
-    assert {(r, what) for r, what, _ in seen} >= {(0, "first"), (1, "first")}, seen
-    assert all(v == 2.0 for _, what, v in seen if what == "first"), seen
-    assert not any(what == "completed" for _, what, _ in seen), seen
-    # Either the collective raised in rank 0, or NCCL's watchdog ended the process.
-    assert any(what == "error" for _, what, _ in seen) or procs[0].exitcode != 0, seen
