@@ -27,6 +27,7 @@ from lora_cluster.engine.messages import (
 from lora_cluster.errors import ClusterError, LoRAClusterError
 
 POLL_S = 0.2
+_TEARDOWN_WAIT_S = 30.0  # how long a rebuild waits for killed ranks to exit
 
 
 class RayRankGroup:
@@ -167,6 +168,11 @@ class RayRankGroup:
     def _teardown(self) -> None:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
+        # Wait until the old processes are gone: their device memory is freed only then, and
+        # a rebuilt group sized from free memory (kv_cache_fraction) would otherwise see
+        # less of it and plan fewer KV blocks than the scheduler holds.
+        if self._runs:
+            ray.wait(self._runs, num_returns=len(self._runs), timeout=_TEARDOWN_WAIT_S)
         self._actors, self._runs = [], []
         if self._pub is not None:
             self._pub.close()
