@@ -5,7 +5,7 @@ tokens of a mixed-adapter batch (attention, expert, all-module adapters and base
 layout equal the single-GPU run of the same settings; bf16: score logits within 1e-2 relative
 in norm of the single-GPU bf16 run. A rank killed mid-batch: the request finishes after the
 group is rebuilt (same tokens) or fails with ClusterError, in bounded time, and the cluster
-serves again. A collective whose peer died ends within the process group's timeout.
+serves again. A collective whose peer died never completes, and its rank can be ended from outside.
 
 Marked ``multigpu`` (deselected by default). On the GPU host:
 ``pytest -m multigpu tests/test_multigpu.py`` (a case skips unless
@@ -214,7 +214,16 @@ def _collective_worker(rank: int, port: int, device: str, timeout_s: float, queu
     os._exit(0)
 
 
-def test_collective_with_a_dead_peer_ends_within_the_timeout() -> None:
+def test_collective_with_a_dead_peer_never_completes_and_its_rank_can_be_ended() -> None:
+    """What the controller relies on when a peer dies mid-collective: the survivor's collective
+    never reports success, and the survivor can be ended from outside within seconds.
+
+    gloo raises in the survivor. NCCL (torch 2.11, NCCL 2.28, measured on 2 x H100) logs the
+    watchdog timeout after ``timeout_s`` but leaves the process alive, blocked on the GPU,
+    under every TORCH_NCCL_ASYNC_ERROR_HANDLING mode tried (1 and 3) and with
+    TORCH_NCCL_BLOCKING_WAIT=1: so the controller's step deadline kills the group's actors
+    (``ray.kill``, a SIGKILL) rather than waiting for ranks to end themselves.
+    """
     _need(2)
     timeout_s = 10.0
     ctx = multiprocessing.get_context("spawn")
@@ -224,12 +233,20 @@ def test_collective_with_a_dead_peer_ends_within_the_timeout() -> None:
              for r in range(2)]
     for p in procs:
         p.start()
+    killed_after: float | None = None
     try:
         procs[1].join(timeout=120)
+        assert not procs[1].is_alive(), "rank 1 did not exit"
         started = time.monotonic()
-        procs[0].join(timeout=timeout_s + 60)
+        procs[0].join(timeout=timeout_s + 15)
+        ended_alone = not procs[0].is_alive()
+        if not ended_alone:
+            kill_at = time.monotonic()
+            procs[0].kill()
+            procs[0].join(timeout=30)
+            assert not procs[0].is_alive(), "rank 0 survived SIGKILL for 30 s"
+            killed_after = time.monotonic() - kill_at
         took = time.monotonic() - started
-        assert not procs[0].is_alive(), "rank 0 hung in a collective with a dead peer"
     finally:
         for p in procs:
             if p.is_alive():
@@ -237,12 +254,15 @@ def test_collective_with_a_dead_peer_ends_within_the_timeout() -> None:
     seen: list[tuple[int, str, Any]] = []
     while not queue.empty():
         seen.append(queue.get())
-    print(f"\n[dead peer] rank 0 ended {took:.1f}s after rank 1 (exit {procs[0].exitcode}): {seen}")
+    how = ("raised" if any(what == "error" for _, what, _ in seen)
+           else "ended by itself" if ended_alone else f"killed, gone {killed_after:.2f}s later")
+    print(f"\n[dead peer] rank 0 after rank 1 died: {how} ({took:.1f}s, exit "
+          f"{procs[0].exitcode}): {seen}")
     assert {(r, what) for r, what, _ in seen} >= {(0, "first"), (1, "first")}, seen
     assert all(v == 2.0 for _, what, v in seen if what == "first"), seen
     assert not any(what == "completed" for _, what, _ in seen), seen
-    # Either the collective raised in rank 0, or NCCL's watchdog ended the process.
-    assert any(what == "error" for _, what, _ in seen) or procs[0].exitcode != 0, seen
+    if CPU_MODE:
+        assert any(what == "error" for _, what, _ in seen), seen
 
 
 @pytest.mark.parametrize(("tp", "ep"), LAYOUTS, ids=[f"tp{t}-ep{e}" for t, e in LAYOUTS])

@@ -17,14 +17,14 @@ from lora_cluster.model.parallel import ParallelInfo
 # Every rank process gets these whatever its environment says (rank actors through their Ray
 # runtime_env, see rank_actor.py): NVLink multicast stays off on shared hosts.
 FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-# ...and these unless the environment already says otherwise. A collective that outlives the
-# process group's timeout (a peer died mid-step) makes NCCL's watchdog end this process (3:
-# without tearing down communicators, which can itself hang on a dead peer) rather than leave
-# it spinning on the GPU; the controller then sees the rank gone and rebuilds the group.
-# Collectives replayed from CUDA graphs have no Work for the watchdog (or a blocking wait) to
-# watch: a rank stuck in one is ended by the controller, whose step deadline or dead-peer
-# check tears the whole group down (ray.kill). No flight-recorder dump on timeout: it would
-# delay the exit.
+# ...and these unless the environment already says otherwise: on a collective that outlives the
+# process group's timeout (a peer died mid-step) NCCL's watchdog logs it and skips tearing down
+# communicators (3; a teardown can itself hang on a dead peer), with no flight-recorder dump.
+# The rank is NOT expected to end by itself: on 2 x H100 (torch 2.11, NCCL 2.28) a survivor
+# stayed blocked on the GPU under modes 1 and 3 and with TORCH_NCCL_BLOCKING_WAIT=1
+# (benchmarks/results/multigpu_tests_h100x2.log), and collectives replayed from CUDA graphs have
+# no Work to watch at all. The controller's step deadline and dead-peer check end such a group
+# from outside (ray.kill of every rank actor, then a rebuild).
 DEFAULT_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
 
 
