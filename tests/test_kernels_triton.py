@@ -39,8 +39,8 @@ VARIANTS: dict[str, tuple[int, cfg.LinearConfig | None]] = {
     "split_pdl": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=1, pdl=True)),
     "auto": (16, None),
 }
-_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_moe",
-                   "triton_meta", "linear", "embedding", "moe")
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_arrive", "triton_moe",
+                   "triton_meta", "arrive", "linear", "embedding", "moe")
 
 
 def _interpreted() -> None:

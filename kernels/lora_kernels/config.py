@@ -7,6 +7,7 @@ their thresholds come from the H100 sweeps recorded in docs/KERNELS.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -49,7 +50,29 @@ class SplitConfig:
     pdl: bool = False
 
 
-LinearConfig = FusedConfig | SplitConfig
+@dataclass(frozen=True)
+class ArriveConfig:
+    """One launch, split-K: the last K program to finish a (row tile, column group) expands it.
+
+    Programs = row tiles × col_splits column groups × K chunks. Each writes its float32
+    partial shrink, then increments the group's arrival counter; the program that arrives
+    last sums the partials in K order and expands the group's columns, then resets the
+    counter to 0 (no memset between launches or graph replays). A column group shrinks
+    only the rank rows of the slices its columns touch; col_splits = 1 is the plain
+    "last arriver expands the whole tile" kernel. A candidate, not chosen by
+    ``choose_linear`` (unmeasured; docs/KERNELS.md).
+    """
+
+    bm: int
+    bk: int
+    split_k: int
+    bn: int
+    col_splits: int
+    warps: int = 4
+    stages: int = 3
+
+
+LinearConfig = FusedConfig | SplitConfig | ArriveConfig
 
 NUM_SMS_DEFAULT = 132
 
@@ -82,6 +105,31 @@ def tile_bound(rows: int, entries: int, bm: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 operands keep full precision; 16-bit ones use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def k_chunks(k: int, split_k: int, bk: int) -> tuple[int, int]:
+    """(K elements per program, K programs): chunks are BK multiples, so there may be fewer
+    programs than ``split_k``."""
+    per = round_up(cdiv(k, split_k), bk)
+    return per, cdiv(k, per)
+
+
+def grid_cols(n_cols: int, bn: int, col_splits: int) -> tuple[int, int]:
+    """(columns per program, column programs) for ``col_splits`` BN-aligned ranges."""
+    per = round_up(cdiv(n_cols, col_splits), bn)
+    return per, -(-n_cols // per)
+
+
+def inner_offsets(slice_offsets: Sequence[int], n_cols: int) -> tuple[int, int, int]:
+    """The three inner slice boundaries a kernel takes; missing ones are N."""
+    inner = [int(o) for o in slice_offsets[1:-1]]
+    inner += [n_cols] * (3 - len(inner))
+    return inner[0], inner[1], inner[2]
+
+
+def aligned(slice_offsets: Sequence[int], bn: int) -> bool:
+    """Whether no BN-wide column block straddles two slices."""
+    return all(int(o) % bn == 0 for o in slice_offsets[1:-1])
 
 
 SMEM_BUDGET = 200 * 1024

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_kernels import config as cfg
+from lora_kernels.arrive import launch_arrive
 from lora_kernels.meta import LoRAMeta
 from lora_kernels.triton_linear import expand_kernel, fused_lora_kernel, shrink_kernel
 
@@ -46,26 +47,11 @@ def _check_linear(out: torch.Tensor | None, x: torch.Tensor | None, lora_a: torc
             raise ValueError(f"slice_offsets {offs} must rise from 0 to N={lora_b.shape[1]}")
 
 
-def _inner_offsets(slice_offsets: Sequence[int], n_cols: int) -> tuple[int, int, int]:
-    inner = [int(o) for o in slice_offsets[1:-1]]
-    inner += [n_cols] * (3 - len(inner))
-    return inner[0], inner[1], inner[2]
-
-
-def _aligned(slice_offsets: Sequence[int], bn: int) -> bool:
-    """Whether no BN-wide column block straddles two slices."""
-    return all(int(o) % bn == 0 for o in slice_offsets[1:-1])
-
-
-def _grid_cols(n_cols: int, bn: int, col_splits: int) -> tuple[int, int]:
-    per = cfg.round_up(cfg.cdiv(n_cols, col_splits), bn)
-    return per, -(-n_cols // per)
-
-
 def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 meta: LoRAMeta, slice_offsets: Sequence[int],
                 config: cfg.LinearConfig | None = None,
-                workspace: torch.Tensor | None = None) -> None:
+                workspace: torch.Tensor | None = None,
+                counters: torch.Tensor | None = None) -> None:
     """``out[m, slice s] += x[m] @ A[s, w].T @ B[w, slice s].T`` for w = indices[m] >= 0.
 
     Semantics:
@@ -77,7 +63,10 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         (default: ``config.choose_linear``); workspace: float32 with at least split_k·n·M·R
         elements for the split path (allocated when absent). A split config with
         ``pdl=True`` launches its expand programmatically on Hopper-or-newer GPUs and runs
-        as the plain split elsewhere (same arithmetic, same result).
+        as the plain split elsewhere (same arithmetic, same result). An ``ArriveConfig``
+        runs the single-launch split-K kernel (``arrive.launch_arrive``): workspace then
+        needs G·KP·n·M·R elements, and ``counters`` (int32, zero; default: shared per
+        device) are its arrival counters, left zero.
     """
     _check_linear(out, x, lora_a, lora_b, meta, slice_offsets)
     n, w_count, rank, k = lora_a.shape
@@ -86,9 +75,12 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         return
     if config is None:
         config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
+    if isinstance(config, cfg.ArriveConfig):
+        launch_arrive(out, x, lora_a, lora_b, meta, slice_offsets, config, workspace, counters)
+        return
     if isinstance(config, cfg.SplitConfig):
         # The partial count is the number of K programs, which may be below split_k.
-        _, k_progs = _k_chunks(k, config.split_k, config.bk)
+        _, k_progs = cfg.k_chunks(k, config.split_k, config.bk)
         y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
         pdl = config.pdl and _pdl_capable(x.device)
         _launch_shrink(x, lora_a, meta, y, config.bm, config.bk, config.split_k,
@@ -96,8 +88,8 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         _launch_expand(out, y, lora_b, meta, slice_offsets, config.bm, config.bn,
                        config.col_splits, config.expand_warps, pdl=pdl)
         return
-    o1, o2, o3 = _inner_offsets(slice_offsets, n_cols)
-    per, col_progs = _grid_cols(n_cols, config.bn, config.col_splits)
+    o1, o2, o3 = cfg.inner_offsets(slice_offsets, n_cols)
+    per, col_progs = cfg.grid_cols(n_cols, config.bn, config.col_splits)
     grid = (cfg.tile_bound(m, w_count, config.bm), col_progs)
     fused_lora_kernel[grid](
         x, lora_a, lora_b, out,
@@ -106,7 +98,7 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(w_count),
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
-        ALIGNED=_aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype),
+        ALIGNED=cfg.aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype),
         num_warps=config.warps, num_stages=config.stages,
     )
 
@@ -114,11 +106,6 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
 def _pdl_capable(device: torch.device) -> bool:
     """Programmatic dependent launch needs a Hopper-or-newer GPU (never the interpreter)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _k_chunks(k: int, split_k: int, bk: int) -> tuple[int, int]:
-    per = cfg.round_up(cfg.cdiv(k, split_k), bk)
-    return per, cfg.cdiv(k, per)
 
 
 def _split_workspace(workspace: torch.Tensor | None, split_k: int, n: int, m: int, rank: int,
@@ -180,7 +167,7 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: tor
                    y_by_pos: bool = False, pdl: bool = False) -> None:
     n, w_count, rank, k = lora_a.shape
     m = y.shape[2]
-    per, k_progs = _k_chunks(k, split_k, bk)
+    per, k_progs = cfg.k_chunks(k, split_k, bk)
     assert k_progs == y.shape[0], "one float32 partial per K program"
     entries = w_count + 1 if zero_unassigned else w_count
     grid = (cfg.tile_bound(m, entries, bm), k_progs)
@@ -201,8 +188,8 @@ def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, met
                    warps: int, pdl: bool = False) -> None:
     split_k, n, m, rank = y.shape
     n_cols = out.shape[1]
-    o1, o2, o3 = _inner_offsets(slice_offsets, n_cols)
-    per, col_progs = _grid_cols(n_cols, bn, col_splits)
+    o1, o2, o3 = cfg.inner_offsets(slice_offsets, n_cols)
+    per, col_progs = cfg.grid_cols(n_cols, bn, col_splits)
     grid = (cfg.tile_bound(m, lora_b.shape[0], bm), col_progs)
     expand_kernel[grid](
         y, lora_b, out,
@@ -210,7 +197,7 @@ def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, met
         n_cols, o1, o2, o3, rank, n, split_k, per,
         y.stride(0), y.stride(1), y.stride(2), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(lora_b.shape[0]),
-        BM=bm, BN=bn, ALIGNED=_aligned(slice_offsets, bn),
+        BM=bm, BN=bn, ALIGNED=cfg.aligned(slice_offsets, bn),
         DOT_PREC=cfg.dot_precision(out.dtype), PDL=pdl, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )
