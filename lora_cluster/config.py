@@ -94,6 +94,10 @@ class ClusterConfig:
     # Admit at once when this many waiting prompts have seats. None: max(2, max_num_seqs // 8).
     prefill_batch_prompts: int | None = None
     num_cpus_per_rank: float = 1.0
+    # Asynchronous steps: send step k+1 to the ranks before step k's result is back, so the
+    # controller's planning and applying overlap the ranks' forward (docs/ARCHITECTURE.md).
+    # "auto": on when the rank group can keep a step in flight (``submit``/``collect``).
+    async_steps: bool | Literal["auto"] = "auto"
     seed: int = 0
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -123,6 +127,8 @@ class ClusterConfig:
             _require(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                        and value >= least), name,
                      f"must be None (auto) or an int >= {least}, got {value!r}")
+        _require(isinstance(self.async_steps, bool) or self.async_steps == "auto", "async_steps",
+                 f"must be True, False or 'auto', got {self.async_steps!r}")
         _require(isinstance(self.prefill_hold_ms, int | float) and self.prefill_hold_ms > 0,
                  "prefill_hold_ms", f"must be > 0, got {self.prefill_hold_ms!r}")
         if isinstance(self.adapter_roots, str):

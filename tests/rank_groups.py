@@ -6,12 +6,14 @@ Each rank is a ``RankRuntime`` over ``ThreadComm``; a step runs every rank on it
 rank for the commands a predicate picks (the other ranks execute them normally); for an op
 riding on a step (``Step.adapter_ops``) it fails the step as that rank would, before any rank
 runs it (a real rank would leave the others waiting in the step's collectives until restart).
+``submit``/``collect`` keep steps in flight on a driver thread (asynchronous steps); every
+other call waits for them first, so commands keep their order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from model_support import ThreadComm
 
@@ -39,6 +41,8 @@ class ThreadRankGroup:
         self.pool = ThreadPoolExecutor(config.world_size, thread_name_prefix="rank")
         self.fail: tuple[int, Callable[[AdapterCommand], bool], LoRAClusterError] | None = None
         self.commands: list[object] = []
+        self.driver = ThreadPoolExecutor(1, thread_name_prefix="rank-driver")
+        self._last: Future[StepResult] | None = None
         self._start()
 
     def _start(self) -> None:
@@ -52,7 +56,23 @@ class ThreadRankGroup:
                          block_size=self.config.block_size, device="cpu",
                          dtype=self.config.dtype, max_loras=self.config.max_loras)
 
+    def submit(self, command: Step) -> Future[StepResult]:
+        self._last = self.driver.submit(self._step, command)
+        return self._last
+
+    def collect(self, ticket: Future[StepResult]) -> StepResult:
+        return ticket.result()
+
+    def _drain(self) -> None:
+        if self._last is not None:
+            self._last.exception()
+            self._last = None
+
     def execute(self, command: Step) -> StepResult:
+        self._drain()
+        return self._step(command)
+
+    def _step(self, command: Step) -> StepResult:
         self.commands.append(command)
         if self.fail is not None:
             rank, pick, err = self.fail
@@ -71,6 +91,7 @@ class ThreadRankGroup:
         return out
 
     def execute_all(self, command: AdapterCommand) -> tuple[RankReply, ...]:
+        self._drain()
         self.commands.append(command)
         replies = []
         for rank, runtime in enumerate(self.ranks):
@@ -88,6 +109,7 @@ class ThreadRankGroup:
         return tuple(replies)
 
     def restart(self) -> GroupInfo:
+        self._drain()
         self._close_ranks()
         self._start()
         return self.describe()
@@ -98,5 +120,7 @@ class ThreadRankGroup:
                 r.execute(Shutdown(seq=r._last_seq + 1))
 
     def close(self) -> None:
+        self._drain()
         self._close_ranks()
         self.pool.shutdown(wait=False)
+        self.driver.shutdown(wait=False)

@@ -86,6 +86,14 @@ def recording(group) -> list[object]:
         return execute_all(cmd)
 
     group.execute, group.execute_all = run_step, run_all
+    if hasattr(group, "submit"):  # asynchronous steps send steps through submit
+        submit = group.submit
+
+        def submit_step(cmd):
+            seen.append(cmd)
+            return submit(cmd)
+
+        group.submit = submit_step
     return seen
 
 

@@ -3,6 +3,10 @@
 A dead rank is noticed two ways: its ``run()`` ref finishes (the process died or the loop
 raised), or a reply misses its deadline. Either raises ClusterError; the controller then calls
 ``restart()``, which replaces every rank (new actors, new rendezvous port, new stream).
+
+Asynchronous steps: ``submit`` publishes a step and returns its stream position; ``collect``
+waits for its reply. Replies to other commands that arrive meanwhile (a step's reply while
+an adapter command issued after it is collected, or the reverse) are kept until asked for.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class RayRankGroup:
         self._runs: list[Any] = []
         self._pub: CommandPublisher | None = None
         self._info: GroupInfo | None = None
+        self._early: dict[int, list[Reply]] = {}  # replies that came before they were asked for
+        self._in_flight: set[int] = set()  # submitted steps not collected yet
         self.generation = 0
         self._start()
 
@@ -90,8 +96,19 @@ class RayRankGroup:
 
     # ---- commands ------------------------------------------------------------------------
     def execute(self, command: Step) -> StepResult:
+        return self.collect(self.submit(command))
+
+    def submit(self, command: Step) -> int:
         seq = self._publish(command)
-        reply = self._collect(seq, 1, self.config.step_timeout_s)[0]
+        self._in_flight.add(seq)
+        return seq
+
+    def collect(self, ticket: int) -> StepResult:
+        seq = ticket
+        try:
+            reply = self._collect(seq, 1, self.config.step_timeout_s)[0]
+        finally:
+            self._in_flight.discard(seq)
         if not reply.ok:
             err = reply.value
             raise err if isinstance(err, LoRAClusterError) else ClusterError(str(err))
@@ -117,6 +134,10 @@ class RayRankGroup:
         """Replies to ``seq`` from ``count`` ranks, watching for dead ranks meanwhile."""
         assert self._pub is not None
         got: list[Reply] = []
+        for early in self._early.pop(seq, ()):
+            if not early.ok:
+                return [early]
+            got.append(early)
         deadline = time.monotonic() + timeout_s
         while len(got) < count:
             remaining = deadline - time.monotonic()
@@ -131,6 +152,10 @@ class RayRankGroup:
                 if not reply.ok:
                     return [reply]
                 got.append(reply)
+            elif reply.seq > seq or reply.seq in self._in_flight:
+                # A later command's, or a step in flight's: someone will ask. (Anything else
+                # is a straggler of a command already answered, e.g. after a rank's error.)
+                self._early.setdefault(reply.seq, []).append(reply)
         return got
 
     def _check_alive(self) -> None:
@@ -174,6 +199,8 @@ class RayRankGroup:
         if self._runs:
             ray.wait(self._runs, num_returns=len(self._runs), timeout=_TEARDOWN_WAIT_S)
         self._actors, self._runs = [], []
+        self._early.clear()
+        self._in_flight.clear()
         if self._pub is not None:
             self._pub.close()
             self._pub = None

@@ -17,6 +17,12 @@ reads happen beside steps, never under ``_exec``.
 Rank failure: a step that raises ClusterError makes the core restart the rank group, reload
 the adapters that were resident, and re-run in-flight requests from their tokens so far
 (recompute). A second failure in a row fails the requests of that step with the error.
+
+Asynchronous steps (``ClusterConfig.async_steps``, ``engine/async_steps.py``): while one step
+runs on the ranks the loop plans and sends the next, then applies the first's result. It
+holds ``_exec`` for the whole run of steps and drains (no step in flight) before letting an
+adapter command in; adapter commands issued while planning (a reload) follow the step in
+flight in the stream, as they would follow it in time without overlap.
 """
 
 from __future__ import annotations
@@ -35,21 +41,29 @@ from lora_cluster.api_types import GenerationResult
 from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.adapter_control import AdapterControl, tier_id
 from lora_cluster.engine.adapter_update import LayerwiseUpdater
+from lora_cluster.engine.async_steps import AsyncStepper, Planned
 from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.controller_adapters import AdapterAdmin
-from lora_cluster.engine.messages import AdapterCommand, PlaceAdapter, RankReply, Step
+from lora_cluster.engine.messages import (
+    AdapterCommand,
+    PlaceAdapter,
+    RankReply,
+    Step,
+    StepResult,
+)
 from lora_cluster.engine.prefetch import Prefetcher
 from lora_cluster.engine.prompts import Prompt, eos_ids, per_prompt, prompt_ids
-from lora_cluster.engine.rank_group import RankGroup
+from lora_cluster.engine.rank_group import RankGroup, supports_async
 from lora_cluster.engine.rank_runtime import context_limit_for
 from lora_cluster.engine.read_ahead import read_ahead_depth
 from lora_cluster.engine.request_handle import RequestHandle, wait_all
 from lora_cluster.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SeqEvent
 from lora_cluster.engine.sequence import Sequence as Seq
-from lora_cluster.engine.step_ops import StepOp, failed_op, op_cause
+from lora_cluster.engine.step_ops import failed_op, op_cause
 from lora_cluster.engine.tokenizer import Tokenizer
 from lora_cluster.errors import (
     ClusterError,
+    ConfigError,
     LoRAClusterError,
     RequestError,
 )
@@ -61,7 +75,7 @@ _RATE_WINDOW_S = 10.0  # tokens/s in stats() is measured over this trailing wind
 _YIELD_WAIT_S = 0.25  # between update groups: how long to wait for the step loop's next step
 
 
-class ControllerCore(AdapterAdmin):
+class ControllerCore(AdapterAdmin, AsyncStepper):
     """Registry, tiers, scheduler and step loop of one replica, driving a ``RankGroup``."""
 
     def __init__(self, config: ClusterConfig, spec: ModelSpec, rank_group: RankGroup,
@@ -81,6 +95,12 @@ class ControllerCore(AdapterAdmin):
         self.updates = LayerwiseUpdater(self.adapters, exec_lock=self._fair_exec,
                                         state_lock=lambda: self._lock,
                                         yield_to_steps=self._yield_to_steps)
+        if config.async_steps is True and not supports_async(rank_group):
+            raise ConfigError(f"async_steps: True needs a rank group that can keep a step in "
+                              f"flight (submit/collect); {type(rank_group).__name__} cannot",
+                              field="async_steps")
+        self.async_steps = (supports_async(rank_group) if config.async_steps == "auto"
+                            else bool(config.async_steps))
         self.group_info = rank_group.describe()
         self.context_limit = min(context_limit_for(config, spec),
                                  self.group_info.num_kv_blocks * self.group_info.block_size)
@@ -90,7 +110,8 @@ class ControllerCore(AdapterAdmin):
             max_num_batched_tokens=config.max_num_batched_tokens,
             context_limit=self.context_limit, eos_token_ids=eos_ids(spec, tokenizer),
             watermark_blocks=self.group_info.num_kv_blocks // 100,
-            prefill_batching=config.prefill_batching()), self.adapters)
+            prefill_batching=config.prefill_batching(), async_steps=self.async_steps),
+            self.adapters)
         # None: as deep as the ranks' read-ahead buffers (0 turns prefetch off).
         self.prefetcher = Prefetcher(self.adapters, read_ahead_depth(
             config.max_loras, config.max_cpu_loras) if prefetch_depth is None else prefetch_depth)
@@ -219,65 +240,89 @@ class ControllerCore(AdapterAdmin):
                 self._fail_all(self._broken)
 
     def _step(self) -> bool:
-        """Run one step; False when nothing could be scheduled."""
+        """Run one step (or, asynchronously, a run of them); False when nothing was scheduled."""
+        if self.async_steps:
+            return self._run_async()
         with self._exec:
-            t0 = time.perf_counter()
-            # Slot placements and host drops decided while planning ride on the step (one
-            # round trip instead of one per adapter: engine/step_ops.py).
-            with self._lock, self.adapters.riding() as riding:
-                self.adapters.flush_drops_locked()
-                step = self.scheduler.schedule()
-                self._publish(self.scheduler.take_events())
-                if step is None:
-                    return False
-                # The queue moved on: the ranks read its next adapters beside this step.
-                hints = self.prefetcher.plan_locked(self.scheduler.waiting)
-                self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
-                ops = riding.take()
+            planned = self._plan()
+            if planned is None:
+                return False
             t1 = time.perf_counter()
             try:
-                result = self.group.execute(Step(seq=next(self._cmd_seq), plan=step.plan,
-                                                 read_ahead=hints, adapter_ops=ops))
+                result = self.group.execute(planned.command)
             except ClusterError as err:
-                self._recover(step, err, ops)
+                self._recover(planned, err)
                 return True
             t2 = time.perf_counter()
-            with self._lock:
-                self._failures_in_a_row = 0
-                if ops:
-                    self.adapters.ops_applied(ops, result.adapter_results)
-                    places = sum(isinstance(op, PlaceAdapter) for op in ops)
-                    self._counters["placements_on_step"] += places
-                    self._counters["drops_on_step"] += len(ops) - places
-                events = self.scheduler.apply(step, result.tokens, result.logits)
-                self._account(step, len(result.tokens))
-                self._publish(events)
-                self._cv.notify_all()  # an update waiting between its groups may go on
-                # Where a step's time goes (µs totals; a benchmark divides deltas by steps):
-                # planning under the lock, the round trip to the ranks (of which the output
-                # rank's own step time), and the whole step including applying the results.
-                t3 = time.perf_counter()
-                self._counters["step_plan_us"] += int((t1 - t0) * 1e6)
-                self._counters["step_execute_us"] += int((t2 - t1) * 1e6)
-                self._counters["step_rank_us"] += int(result.forward_ms * 1e3)
-                self._counters["step_total_us"] += int((t3 - t0) * 1e6)
-                if any(len(s.token_ids) > 1 for s in step.plan.seqs):
-                    self._counters["steps_with_prefill"] += 1
+            self._apply(planned, result, execute_s=t2 - t1, since=planned.t0)
         return True
 
-    def _recover(self, step: ScheduledStep, err: ClusterError,
-                 ops: tuple[StepOp, ...] = ()) -> None:
-        """Rebuild the rank group after a failed step (caller holds ``_exec``)."""
+    def _plan(self) -> Planned | None:
+        """Schedule the next step under ``_lock`` (caller holds ``_exec``); None if nothing runs."""
+        t0 = time.perf_counter()
+        # Slot placements and host drops decided while planning ride on the step (one
+        # round trip instead of one per adapter: engine/step_ops.py).
+        with self._lock, self.adapters.riding() as riding:
+            self.adapters.flush_drops_locked()
+            step = self.scheduler.schedule()
+            self._publish(self.scheduler.take_events())
+            if step is None:
+                return None
+            # The queue moved on: the ranks read its next adapters beside this step.
+            hints = self.prefetcher.plan_locked(self.scheduler.waiting)
+            self.adapters.send_queued_drops()  # the ranks' caches follow the tiers
+            ops = riding.take()
+        command = Step(seq=next(self._cmd_seq), plan=step.plan, read_ahead=hints,
+                       adapter_ops=ops)
+        return Planned(step, command, t0, time.perf_counter())
+
+    def _apply(self, planned: Planned, result: StepResult, *, execute_s: float,
+               since: float) -> None:
+        """Fold a step's result into the schedule and publish it (caller holds ``_exec``)."""
+        step, ops = planned.step, planned.command.adapter_ops
+        with self._lock:
+            self._failures_in_a_row = 0
+            if ops:
+                self.adapters.ops_applied(ops, result.adapter_results)
+                places = sum(isinstance(op, PlaceAdapter) for op in ops)
+                self._counters["placements_on_step"] += places
+                self._counters["drops_on_step"] += len(ops) - places
+            events = self.scheduler.apply(step, result.tokens, result.logits)
+            # Async steps: a token sampled for a sequence that ended the step before is
+            # dropped (never emitted) and not counted as generated.
+            emitted = sum(1 for e in events if e.new_token is not None)
+            self._counters["tokens_discarded"] += len(result.tokens) - emitted
+            self._account(step, emitted)
+            self._publish(events)
+            self._cv.notify_all()  # an update waiting between its groups may go on
+            # Where a step's time goes (µs totals; a benchmark divides deltas by steps):
+            # planning under the lock, the wait for the ranks' result (the whole round trip;
+            # with async steps only what planning the next step did not hide), the output
+            # rank's own step time, and the whole step from ``since`` (its planning; async:
+            # the previous result) to now.
+            self._counters["step_plan_us"] += int((planned.t1 - planned.t0) * 1e6)
+            self._counters["step_execute_us"] += int(execute_s * 1e6)
+            self._counters["step_rank_us"] += int(result.forward_ms * 1e3)
+            self._counters["step_total_us"] += int((time.perf_counter() - since) * 1e6)
+            if any(len(s.token_ids) > 1 for s in step.plan.seqs):
+                self._counters["steps_with_prefill"] += 1
+
+    def _recover(self, planned: Planned, err: ClusterError,
+                 abandoned: Sequence[Planned] = ()) -> None:
+        """Rebuild the rank group after a failed step (caller holds ``_exec``); ``abandoned``:
+        steps sent after it, lost with the ranks."""
         with self._lock:
             self._failures_in_a_row += 1
             self._counters["rank_group_restarts"] += 1
+            self._counters["steps_abandoned"] += len(abandoned)
             self.scheduler.preempt_all()
-            failed = failed_op(err, ops)
+            failed = failed_op(err, planned.command.adapter_ops)
             if isinstance(failed, PlaceAdapter):
-                self._fail_placement(step, failed, op_cause(err))
+                self._fail_placement(planned.step, failed, op_cause(err))
             if self._failures_in_a_row > 1:
-                for seq, _ in step.entries:
-                    self.scheduler.abort(seq, error=err)
+                for lost in (planned, *abandoned):
+                    for seq, _ in lost.step.entries:
+                        self.scheduler.abort(seq, error=err)
                 self._publish(self.scheduler.take_events())
         try:
             info = self.group.restart()
@@ -383,6 +428,7 @@ class ControllerCore(AdapterAdmin):
                 "context_limit": self.context_limit,
                 "world_size": self.group_info.world_size,
                 "device": self.group_info.device,
+                "async_steps": self.async_steps,
                 **{k: int(v) for k, v in self._counters.items()},
             })
             return out

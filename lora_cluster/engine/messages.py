@@ -10,6 +10,11 @@ reading into a side buffer on a reader thread; they change no state the controll
 A step also carries the slot placements and host drops decided while planning it
 (``Step.adapter_ops``, see ``engine/step_ops.py``): the ranks apply them in order before the
 forward, so admitting a request whose adapter is off the device costs no extra round trip.
+Asynchronous steps (``ClusterConfig.async_steps``): the controller may send step k+1 before
+step k's result is back. A sequence that samples in step k and continues in k+1 is fed
+``PREV_TOKEN`` in k+1 (its index listed in ``StepPlan.placeholders``); every rank substitutes
+the token it learnt for that sequence in step k (``StepPlan.share_tokens``: the output rank's
+sampled tokens reach every rank).
 No torch here: messages cross process boundaries as plain picklable dataclasses.
 """
 
@@ -27,6 +32,10 @@ AdapterKey = tuple[str, int]
 #   output rank (a scoring prefill continues next step) · "emit": hold them and send the
 #   whole prompt's logits back now.
 LogitsMode = Literal["none", "keep", "emit"]
+
+# A decode token not known to the controller yet: "the token this rank learnt for this
+# sequence in the previous step" (asynchronous steps; see the module docstring).
+PREV_TOKEN = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,10 +88,15 @@ class StepPlan:
     ``released`` sequences (finished, aborted or preempted) have their rank-side state (block
     table, held logits) dropped *before* this step's sequences are read, so a preempted
     sequence may reappear in the same plan with a fresh table.
+    ``placeholders``: indices into ``seqs`` whose ``token_ids`` are ``(PREV_TOKEN,)``.
+    ``share_tokens``: every rank (not only the output rank) learns the tokens sampled in this
+    step, for the next step's placeholders.
     """
 
     seqs: tuple[SeqStep, ...]
     released: tuple[int, ...] = ()
+    placeholders: tuple[int, ...] = ()
+    share_tokens: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -3,11 +3,18 @@
 The Ray layer implements ``RankGroup`` over rank actors and the command stream; tests and
 single-process tools use ``LocalRankGroup``, which runs a ``RankRuntime`` in this process.
 Every command goes to every rank in the order the controller issues it.
+
+Asynchronous steps: a group that also implements ``submit``/``collect`` (``AsyncRankGroup``)
+lets the controller keep one step in flight while it plans the next. Commands still run in
+the order they were issued, whether sent by ``submit``, ``execute`` or ``execute_all``; a
+result is collected once, in any order relative to later adapter commands.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 from lora_cluster.config import ClusterConfig
 from lora_cluster.engine.messages import (
@@ -57,8 +64,30 @@ class RankGroup(Protocol):
         ...
 
 
+class AsyncRankGroup(RankGroup, Protocol):
+    """A ``RankGroup`` that can hold steps in flight."""
+
+    def submit(self, command: Step) -> Any:
+        """Send a step to every rank and return at once; a ticket for ``collect``."""
+        ...
+
+    def collect(self, ticket: Any) -> StepResult:
+        """The output rank's result of a submitted step (raises as ``execute`` does)."""
+        ...
+
+
+def supports_async(group: object) -> bool:
+    """Whether ``group``'s class implements ``submit`` and ``collect`` (a wrapper that only
+    forwards unknown attributes does not count: it would see none of the steps)."""
+    return all(callable(getattr(type(group), name, None)) for name in ("submit", "collect"))
+
+
 class LocalRankGroup:
-    """One in-process ``RankRuntime`` (tp_size = ep_size = 1)."""
+    """One in-process ``RankRuntime`` (tp_size = ep_size = 1).
+
+    ``submit`` runs steps on one worker thread (the forward overlaps the controller's
+    planning); every other call first waits for the steps in flight, so order holds.
+    """
 
     def __init__(self, config: ClusterConfig) -> None:
         if config.world_size != 1:
@@ -69,7 +98,9 @@ class LocalRankGroup:
         self.config = config
         self.parallel = ParallelInfo(expert_placement=config.expert_placement)
         self.runtime: RankRuntime | None = RankRuntime(config, self.parallel, LocalComm())
-        self._seq = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self._last: Future[StepResult] | None = None
+        self._submit_lock = threading.Lock()
 
     def _rank(self) -> RankRuntime:
         if self.runtime is None:
@@ -84,7 +115,28 @@ class LocalRankGroup:
                          extra={"context_limit": rank.context_limit,
                                 "model_load_ms": rank.model_load_ms})
 
+    def submit(self, command: Step) -> Future[StepResult]:
+        with self._submit_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="local-rank")
+            self._last = self._worker.submit(self._run_step, command)
+            return self._last
+
+    def collect(self, ticket: Future[StepResult]) -> StepResult:
+        return ticket.result()
+
+    def _drain(self) -> None:
+        """Wait for the steps in flight (their errors stay with their tickets)."""
+        last = self._last
+        if last is not None:
+            last.exception()
+            self._last = None
+
     def execute(self, command: Step) -> StepResult:
+        self._drain()
+        return self._run_step(command)
+
+    def _run_step(self, command: Step) -> StepResult:
         try:
             result = self._rank().execute(command)
         except LoRAClusterError:
@@ -96,6 +148,7 @@ class LocalRankGroup:
         return result
 
     def execute_all(self, command: AdapterCommand) -> tuple[RankReply, ...]:
+        self._drain()
         try:
             result = self._rank().execute(command)
         except LoRAClusterError as err:
@@ -108,6 +161,7 @@ class LocalRankGroup:
         return (RankReply(rank=0, result=result),)
 
     def restart(self) -> GroupInfo:
+        self._drain()
         self.close()
         self.runtime = RankRuntime(self.config, self.parallel, LocalComm())
         return self.describe()
@@ -117,6 +171,10 @@ class LocalRankGroup:
         return [self._rank().stats()]
 
     def close(self) -> None:
+        self._drain()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if self.runtime is not None:
             runtime, self.runtime = self.runtime, None
             if not runtime._closed:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lora_cluster.adapters.plan_cache import PlanCache
 from lora_cluster.adapters.weights import AdapterWeights
 from lora_cluster.config import ClusterConfig
 from lora_cluster.engine.messages import (
@@ -110,7 +111,8 @@ class RankRuntime:
                                  max_num_seqs=config.max_num_seqs,
                                  max_num_batched_tokens=config.max_num_batched_tokens,
                                  is_output_rank=parallel.is_output_rank,
-                                 use_cuda_graphs=config.use_cuda_graphs)
+                                 use_cuda_graphs=config.use_cuda_graphs,
+                                 share=comm.all_reduce_world if parallel.world_size > 1 else None)
         self.runner.capture()
         self.host_cache: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self.slots: list[AdapterKey | None] = [None] * config.max_loras
@@ -119,6 +121,8 @@ class RankRuntime:
         # In-place updates being staged layer group by layer group (one entry per version).
         self._staging: dict[AdapterKey, StagedUpdate] = {}
         self.load_stats: dict[AdapterKey, LoadResult] = {}
+        # Plans of adapters validated before, by config + header bytes (adapters/plan_cache.py).
+        self.plans = PlanCache(self.spec, max_lora_rank=config.max_lora_rank)
         self.read_ahead: ReadAhead[tuple[AdapterWeights, dict[str, float]]] = ReadAhead(
             self._read, capacity=read_ahead_depth(config.max_loras, config.max_cpu_loras),
             workers=READ_AHEAD_WORKERS, idle_wait_s=READ_AHEAD_IDLE_WAIT_S,
@@ -207,7 +211,7 @@ class RankRuntime:
         from lora_cluster.adapters import load_adapter
 
         loaded = load_adapter(path, self.spec, self.parallel, name=name, version=version,
-                              max_lora_rank=self.config.max_lora_rank)
+                              max_lora_rank=self.config.max_lora_rank, plans=self.plans)
         breakdown = dict(loaded.stats.breakdown())
         # Slot-ready host copies (model dtype, scale folded; pinned on GPU hosts): activating
         # them is plain copies, an async DMA from pinned memory.
@@ -220,6 +224,11 @@ class RankRuntime:
             breakdown["pin"] = ms  # cast, fold and page-lock
         else:
             breakdown["convert"] += ms
+        # Validated against the slots and planned here, beside the read (on the reader thread
+        # for a read-ahead), so the load command only files the entry.
+        t0 = time.perf_counter()
+        self.activator.prepare(weights)
+        breakdown["plan"] = (time.perf_counter() - t0) * 1e3
         return weights, breakdown
 
     def _load(self, cmd: LoadAdapter) -> LoadResult:
@@ -235,7 +244,7 @@ class RankRuntime:
             else:
                 weights, breakdown = got[0], dict(got[1])
                 breakdown["read_ahead_wait"] = (time.perf_counter() - start) * 1e3
-            self.activator.prepare(weights)  # validated and planned once, not per activation
+            self.activator.prepare(weights)  # planned by ``_read``: a lookup here
             # Nothing above touched the rank's state: a failed read leaves it as it was.
             self.host_cache[cmd.key] = weights
         finally:
@@ -342,6 +351,7 @@ class RankRuntime:
                         for k, u in self._staging.items()},
             "activation": self.activator.stats(),
             "read_ahead": self.read_ahead.stats(),
+            "plan_cache": self.plans.stats(),
             "live_sequences": self.runner.num_live_seqs,
             "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,

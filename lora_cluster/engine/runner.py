@@ -16,19 +16,26 @@ last-row logits needed, few enough sequences and rows — again a function of th
 
 The runner mirrors each live sequence's KV block table from the plans' deltas, and on the
 output rank holds the logits of scoring prefills that span several steps.
+
+Asynchronous steps: a plan with ``share_tokens`` makes the output rank's sampled tokens known
+to every rank (a sum over the world: the others add zeros — exact for integers, and correct
+whatever the backend, unlike every rank sampling its own copy of the logits and trusting them
+to be bit-identical); each rank keeps the last token of every live sequence and substitutes
+it for the ``PREV_TOKEN`` fed by the next plan's ``placeholders``.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from lora_cluster.engine.cuda_graphs import DecodeGraphs
-from lora_cluster.engine.messages import SeqStep, StepPlan, StepResult
+from lora_cluster.engine.messages import PREV_TOKEN, SeqStep, StepPlan, StepResult
 from lora_cluster.engine.prefill_graphs import (
     PREFILL_BUCKETS,
     PREFILL_GRAPH_SEQS,
@@ -176,7 +183,8 @@ class StepRunner:
                  is_output_rank: bool, use_cuda_graphs: bool, split_mixed: bool = True,
                  split_min_decodes: int = SPLIT_MIN_DECODES,
                  max_num_batched_tokens: int = PREFILL_BUCKETS[-1],
-                 prefill_graphs: bool = True) -> None:
+                 prefill_graphs: bool = True,
+                 share: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -188,6 +196,10 @@ class StepRunner:
         self.split_min_decodes = max(1, split_min_decodes)
         self._tables: dict[int, list[int]] = {}
         self._held_logits: dict[int, list[torch.Tensor]] = {}
+        # Asynchronous steps: the sum over every rank (``Comm.all_reduce_world``; None: one
+        # rank) and each live sequence's last sampled token.
+        self.share = share
+        self._last_tokens: dict[int, int] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self.context_limit = context_limit
         self.prefill_buckets = prefill_buckets(max_num_batched_tokens)
@@ -248,6 +260,7 @@ class StepRunner:
         """Forget every sequence (the controller restarted its schedule)."""
         self._tables.clear()
         self._held_logits.clear()
+        self._last_tokens.clear()
 
     def stats(self) -> dict[str, int]:
         """Step counters: decode-executor steps, split steps and their decode rows, eager
@@ -284,6 +297,7 @@ class StepRunner:
         for seq_id in plan.released:
             self._tables.pop(seq_id, None)
             self._held_logits.pop(seq_id, None)
+            self._last_tokens.pop(seq_id, None)
         for s in plan.seqs:
             old = self._tables.get(s.seq_id, [])
             table = old[:s.blocks_from] + list(s.new_blocks)
@@ -293,7 +307,7 @@ class StepRunner:
             self._tables[s.seq_id] = table
         if not plan.seqs:
             return StepResult(seq=seq) if self.is_output_rank else None
-        seqs = plan.seqs
+        seqs = self._fill_placeholders(plan) if plan.placeholders else plan.seqs
         parts: list[torch.Tensor] = []
         spans: list[Span] = [(0, 0, 0)] * len(seqs)
         if (self.decode is not None and plan.is_decode
@@ -311,8 +325,39 @@ class StepRunner:
         else:
             parts.append(self._run_multi(seqs, range(len(seqs)), spans, part=0))
         if not self.is_output_rank:
+            if plan.share_tokens:
+                self._learn_tokens(seqs, None)
             return None
-        return self._postprocess(seqs, parts, spans, seq, start)
+        return self._postprocess(seqs, parts, spans, seq, start, plan.share_tokens)
+
+    def _fill_placeholders(self, plan: StepPlan) -> list[SeqStep]:
+        """``plan.seqs`` with each placeholder's last token replaced by the one this rank
+        learnt for the sequence in the previous step."""
+        seqs = list(plan.seqs)
+        for i in plan.placeholders:
+            s = seqs[i]
+            token = self._last_tokens.get(s.seq_id)
+            if token is None or s.token_ids[-1] != PREV_TOKEN:
+                raise RuntimeError(f"sequence {s.seq_id}: fed the previous step's token, but "
+                                   f"this rank learnt none for it")
+            seqs[i] = dataclasses.replace(s, token_ids=(*s.token_ids[:-1], token))
+        return seqs
+
+    def _learn_tokens(self, seqs: Sequence[SeqStep], sampled: torch.Tensor | None) -> list[int]:
+        """Every rank: this step's sampled tokens in plan order (``sampled`` on the output
+        rank, zeros elsewhere, summed over the world), kept for the next placeholders."""
+        index = [i for i, s in enumerate(seqs) if s.sample is not None]
+        if not index:
+            return []
+        if self.share is not None:
+            if sampled is None:
+                sampled = torch.zeros(len(index), dtype=torch.int64, device=self.device)
+            sampled = self.share(sampled.to(torch.int64))
+        assert sampled is not None
+        values = sampled.tolist()
+        for i, token in zip(index, values):
+            self._last_tokens[seqs[i].seq_id] = int(token)
+        return values
 
     def _run_decode(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
                     part: int) -> torch.Tensor:
@@ -352,7 +397,8 @@ class StepRunner:
         return self.model.forward(batch, self.kv_cache)
 
     def _postprocess(self, seqs: Sequence[SeqStep], parts: list[torch.Tensor],
-                     spans: list[Span], seq: int, start: float) -> StepResult:
+                     spans: list[Span], seq: int, start: float,
+                     share_tokens: bool = False) -> StepResult:
         sampled = [i for i, s in enumerate(seqs) if s.sample is not None]
         tokens: tuple[tuple[int, int], ...] = ()
         if sampled:
@@ -368,8 +414,16 @@ class StepRunner:
             logits = picked_rows[0] if len(picked_rows) == 1 else torch.cat(picked_rows)
             batch = SamplingBatch.from_specs([seqs[i].sample for i in order],  # type: ignore[misc]
                                              logits.device)
-            by_index = dict(zip(order, sample(logits.float(), batch).tolist()))
-            tokens = tuple((seqs[i].seq_id, int(by_index[i])) for i in sampled)
+            picked = sample(logits.float(), batch)
+            if share_tokens:
+                # Back to plan order on the device, then one sum over the world.
+                perm = torch.tensor(order).argsort().to(picked.device)
+                in_plan = picked.index_select(0, perm)
+                values = self._learn_tokens(seqs, in_plan)
+                tokens = tuple((seqs[i].seq_id, int(v)) for i, v in zip(sampled, values))
+            else:
+                by_index = dict(zip(order, picked.tolist()))
+                tokens = tuple((seqs[i].seq_id, int(by_index[i])) for i in sampled)
         emitted: list[tuple[int, Any]] = []
         for i, s in enumerate(seqs):
             if s.logits == "none":

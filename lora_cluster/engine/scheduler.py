@@ -19,6 +19,14 @@ Prefill batching (``PrefillBatching``, off by default): while a step would be a 
 of enough sequences, new prompts may wait a bounded number of steps / milliseconds so that
 several of them share one prefill forward (on GPU a decode step replays a CUDA graph; an
 eager prefill forward costs about the same whether it holds one prompt or ten).
+
+Asynchronous steps (``SchedulerConfig.async_steps``): ``schedule`` may run before the previous
+step's ``apply``. A sequence that samples in a step has a *pending* token until its result is
+applied; the next plan feeds it as ``PREV_TOKEN`` (the ranks know it), unless the pending
+token surely ends the sequence (max_tokens, context limit). A token that arrives for a
+sequence that finished meanwhile (an EOS in the step before) is discarded; one that arrives
+for a sequence preempted meanwhile is kept (its step ran on intact blocks), and the sequence
+is not re-admitted while a token is pending.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
     watermark_blocks: int = 0  # kept free at admission while others run (avoids instant preemption)
     prefill_batching: PrefillBatching = field(default_factory=PrefillBatching)  # default: admit at once
+    async_steps: bool = False  # plans ask the ranks to share sampled tokens (PREV_TOKEN feeds)
 
     def __post_init__(self) -> None:
         if self.context_limit > self.num_blocks * self.block_size:
@@ -156,6 +165,8 @@ class Scheduler:
         for seq in order:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted as a victim earlier in this loop
+            if seq.pending and (seq.surely_done or seq.num_tokens >= self.cfg.context_limit):
+                continue  # its token in flight ends it: nothing more to compute
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue
@@ -179,12 +190,21 @@ class Scheduler:
         released, self._released = tuple(self._released), []
         now = time.monotonic()
         steps = []
-        for seq, n in entries:
+        placeholders = []
+        for i, (seq, n) in enumerate(entries):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            steps.append(self._seq_step(seq, n))
+            if seq.pending:
+                assert seq.pending == 1 and n == 1, "only the one pending token is fed unknown"
+                placeholders.append(i)
+            step = self._seq_step(seq, n)
+            steps.append(step)
             seq.num_computed += n
-        return ScheduledStep(StepPlan(seqs=tuple(steps), released=released), tuple(entries))
+            if step.sample is not None:
+                seq.pending += 1
+        plan = StepPlan(seqs=tuple(steps), released=released, placeholders=tuple(placeholders),
+                        share_tokens=self.cfg.async_steps)
+        return ScheduledStep(plan, tuple(entries))
 
     def _make_room(self, seq: Sequence, total: int,
                    scheduled: list[tuple[Sequence, int]]) -> tuple[bool, bool]:
@@ -237,6 +257,11 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting.popleft()
+            if seq.pending:
+                # Preempted while a step holding its token was in flight: it resumes once the
+                # token is back (next step); FCFS keeps the queue behind it.
+                self.waiting.appendleft(seq)
+                break
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.extra_blocks(seq.seq_id, n)
             reserve = self.cfg.watermark_blocks if self.running else 0
@@ -292,14 +317,18 @@ class Scheduler:
     # ---------------------------------------------------------------- results
     def apply(self, step: ScheduledStep, tokens: Iterable[tuple[int, int]],
               logits: Iterable[tuple[int, Any]] = ()) -> list[SeqEvent]:
-        """Fold the output rank's result into the sequences; returns the events to publish."""
+        """Fold the output rank's result into the sequences; returns the events to publish.
+
+        A sequence preempted since the step was planned still takes its token or logits (the
+        step ran on its blocks before they were freed); a finished one takes nothing.
+        """
         by_id_token = dict(tokens)
         by_id_logits = dict(logits)
         events, self._finished_events = self._finished_events, []
         now = time.monotonic()
         for seq, _ in step.entries:
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
+            if seq.status is SeqStatus.FINISHED:
+                continue  # aborted while the step ran, or ended by the step before (async)
             if seq.score:
                 if seq.seq_id in by_id_logits:
                     seq.logits = by_id_logits[seq.seq_id]
@@ -308,6 +337,7 @@ class Scheduler:
             token = by_id_token.get(seq.seq_id)
             if token is None:
                 continue  # an intermediate prefill chunk
+            seq.pending -= 1
             seq.output_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -322,7 +352,8 @@ class Scheduler:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_ids:
             return "stop"
-        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.cfg.context_limit:
+        if (len(seq.output_ids) >= seq.sampling.max_tokens
+                or seq.num_known >= self.cfg.context_limit):
             return "length"
         return None
 
@@ -342,6 +373,8 @@ class Scheduler:
         rebuild: the ranks lost their KV caches)."""
         for seq in reversed(list(self.running)):
             self._preempt(seq)
+        for seq in self.waiting:
+            seq.pending = 0  # the steps that were to sample them are lost with the ranks
         self._released.clear()  # fresh ranks hold no state to release
 
     def _preempt(self, seq: Sequence) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_cluster.config import SamplingParams
-from lora_cluster.engine.messages import AdapterKey, SampleSpec
+from lora_cluster.engine.messages import PREV_TOKEN, AdapterKey, SampleSpec
 from lora_cluster.errors import LoRAClusterError
 
 
@@ -26,6 +26,10 @@ class Sequence:
     ``all_token_ids[num_computed:]``, so a prefill, a prefill chunk, a decode and a recompute
     after preemption are the same operation. A scoring request is one prefill that keeps the
     logits of every position and samples nothing.
+
+    ``pending`` counts tokens sampled by steps sent to the ranks whose results are not back
+    yet (asynchronous steps): they count in ``num_tokens`` (their positions can be fed, as
+    ``PREV_TOKEN``) but are not in ``output_ids``. At most one per sequence is ever fed.
     """
 
     seq_id: int
@@ -38,6 +42,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    pending: int = 0
     blocks_sent: int = 0  # block-table entries the ranks already hold for this sequence
     slot: int = -1
     holds_pin: bool = False
@@ -53,6 +58,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """Prompt and output tokens the controller holds (``num_tokens`` less ``pending``)."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
@@ -64,19 +74,25 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
-        """Tokens [start, stop) of prompt + outputs."""
+        """Tokens [start, stop) of prompt + outputs (``PREV_TOKEN`` for a pending one)."""
         prompt_len = len(self.prompt_ids)
         if stop <= prompt_len:
             return self.prompt_ids[start:stop]
         head = self.prompt_ids[start:] if start < prompt_len else ()
         tail = self.output_ids[max(0, start - prompt_len):stop - prompt_len]
-        return tuple(head) + tuple(tail)
+        unknown = stop - max(start, self.num_known)
+        return tuple(head) + tuple(tail) + (PREV_TOKEN,) * max(0, unknown)
 
     def sample_spec(self) -> SampleSpec:
         """Sampling of the next output token (its index keys the random stream)."""
         sp = self.sampling
         return SampleSpec(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                          seed=self.seed, index=len(self.output_ids))
+                          seed=self.seed, index=len(self.output_ids) + self.pending)
+
+    @property
+    def surely_done(self) -> bool:
+        """Its pending tokens will end it whatever they are (max_tokens reached)."""
+        return len(self.output_ids) + self.pending >= self.sampling.max_tokens
 
     def metrics(self) -> dict[str, float]:
         """Latency figures in seconds for the GenerationResult."""
