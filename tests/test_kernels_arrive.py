@@ -154,3 +154,122 @@ def test_arrive_rejects_bad_counters_and_workspace() -> None:
     with pytest.raises(ValueError, match="workspace must be float32"):
         linear.lora_linear(out, x, a, b, meta, offs, config=config,
                            workspace=torch.zeros(10, device=DEVICE))
+
+
+# ---- compiled on a GPU: real sizes, graph replays (run by benchmarks/kernel_candidates.py) ----
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+REAL = {"dense": (0, 4096), "qkv_gqa": (0, 4096, 5120, 6144)}
+GPU_TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+REAL_CONFIGS = {
+    "small": cfg.ArriveConfig(bm=16, bk=256, split_k=8, bn=64, col_splits=16),
+    "small_g1": cfg.ArriveConfig(bm=16, bk=256, split_k=8, bn=64, col_splits=1),
+    "mid": cfg.ArriveConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=8),
+    # Rank 64 stacks up to 256 rank rows: a 64-wide K tile keeps the pipeline in shared memory.
+    "mid_r64": cfg.ArriveConfig(bm=16, bk=64, split_k=8, bn=128, col_splits=8),
+    "large": cfg.ArriveConfig(bm=64, bk=128, split_k=4, bn=128, col_splits=16, warps=8),
+}
+
+
+def _real_case(gen: torch.Generator, tokens: int, rank: int, offs: tuple[int, ...],
+               dtype: torch.dtype, popularity: str = "uniform") -> tuple:
+    k, n = 4096, len(offs) - 1
+    idx = testing.entry_indices(tokens, 32, popularity, gen, none_frac=0.2, used=8)
+    x = torch.randn(tokens, k, generator=gen).to(DEVICE, dtype)
+    a = (torch.randn(n, 32, rank, k, generator=gen) / 64).to(DEVICE, dtype)
+    b = (torch.randn(32, offs[-1], rank, generator=gen) / 4).to(DEVICE, dtype)
+    out0 = torch.randn(tokens, offs[-1], generator=gen).to(DEVICE, dtype)
+    return idx.to(DEVICE), x, a, b, out0
+
+
+@pytest.mark.parametrize(("name", "tokens", "rank", "shape", "dtype"), [
+    *[(nm, t, 16, s, torch.bfloat16) for nm, t in (("small", 1), ("small_g1", 1), ("mid", 64),
+                                                    ("large", 1024)) for s in REAL],
+    *[("mid", 64, 16, s, d) for s in REAL for d in (torch.float16, torch.float32)],
+    *[("mid_r64", 64, 64, s, torch.bfloat16) for s in REAL],
+])
+@pytest.mark.gpu
+@needs_gpu
+def test_arrive_real_sizes(name: str, tokens: int, rank: int, shape: str,
+                           dtype: torch.dtype) -> None:
+    from lora_kernels import arrive, linear
+
+    gen = torch.Generator().manual_seed(tokens + rank)
+    offs = REAL[shape]
+    idx, x, a, b, out0 = _real_case(gen, tokens, rank, offs, dtype)
+    config = REAL_CONFIGS[name]
+    meta = build_lora_meta(idx, 32)
+    out = out0.clone()
+    linear.lora_linear(out, x, a, b, meta, offs, config=config)
+    ref = out0.float().clone()
+    from lora_kernels import reference
+
+    reference.lora_linear(ref, x.float(), a.float(), b.float(), idx, offs)
+    assert _rel(out.float() - out0.float(), ref - out0.float()) < GPU_TOL[dtype]
+    assert torch.equal(out[idx < 0], out0[idx < 0])
+    again = out0.clone()
+    linear.lora_linear(again, x, a, b, meta, offs, config=config)
+    assert torch.equal(again, out)  # the same sum whichever K program arrives last
+    tiles, groups, _ = arrive.arrive_grid(tokens, offs[-1], 4096, 32, config)
+    assert int(arrive.shared_counters(x.device, tiles * groups).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 700])
+@pytest.mark.parametrize("shape", list(REAL))
+@pytest.mark.gpu
+@needs_gpu
+def test_arrive_chain_graph_replays(tokens: int, shape: str) -> None:
+    """Three single-launch layers in one graph, each reading the previous one's output as
+    x, replayed ten times per burst with new assignments (all -1 rows last): counters must
+    be back at zero after every replay without any memset node, each replay equals the
+    eager chain bit for bit, and each layer matches the float32 reference."""
+    from lora_kernels import arrive, linear, reference
+
+    gen = torch.Generator().manual_seed(300 + tokens)
+    offs = REAL[shape]
+    idx, x, a, b, out0 = _real_case(gen, tokens, 16, offs, torch.bfloat16)
+    static_idx = idx.clone()
+    configs = [REAL_CONFIGS["small"], REAL_CONFIGS["mid"], REAL_CONFIGS["large"]]
+    outs = [out0.clone() for _ in configs]
+
+    def chain(dst: list[torch.Tensor]) -> None:
+        meta = build_lora_meta(static_idx, 32)
+        for out in dst:
+            out.copy_(out0)
+        src = x
+        for out, config in zip(dst, configs, strict=True):
+            linear.lora_linear(out, src, a, b, meta, offs, config=config)
+            src = out[:, :4096]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(outs)  # compile, and allocate the shared counters outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(outs)
+    counters = arrive.shared_counters(x.device, 1)._base
+    assert counters is not None
+    layouts = ["uniform", "identical", "skewed", "distinct", "zipf"] * 2
+    for i, popularity in enumerate(layouts):
+        new = testing.entry_indices(tokens, 32, popularity, gen, none_frac=0.05 * (i % 5),
+                                    used=1 + 3 * i)
+        if i == len(layouts) - 1:
+            new[:] = -1
+        static_idx.copy_(new.to(DEVICE))
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert int(counters.abs().sum()) == 0, popularity
+        eager = [out0.clone() for _ in configs]
+        chain(eager)
+        src = x
+        for layer, (out, e) in enumerate(zip(outs, eager, strict=True)):
+            where = f"{popularity} layer {layer}"
+            assert torch.equal(out, e), where
+            assert torch.equal(out[static_idx < 0], out0[static_idx < 0]), where
+            if bool((static_idx >= 0).any()):
+                ref = out0.float().clone()
+                reference.lora_linear(ref, src.float(), a.float(), b.float(), static_idx, offs)
+                assert _rel(out.float() - out0.float(), ref - out0.float()) < 1e-2, where
+            src = out[:, :4096]
