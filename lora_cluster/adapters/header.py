@@ -154,6 +154,11 @@ def _paused_gc() -> Iterator[None]:
 
 def read_safetensors_table(path: str | Path) -> TensorTable:
     """Parse and check a safetensors header (reads 8 + header-length bytes, no tensor data)."""
+    return parse_safetensors_header(*read_safetensors_header(path))
+
+
+def read_safetensors_header(path: str | Path) -> tuple[str, bytes, int]:
+    """(path, the raw JSON header bytes, the file's size): the first 8 + length bytes only."""
     p = str(path)
     try:
         size = os.path.getsize(p)
@@ -175,6 +180,12 @@ def read_safetensors_table(path: str | Path) -> TensorTable:
         raise AdapterNotFoundError(f"{p}: adapter weights not found", file=p) from None
     except OSError as exc:
         raise AdapterFormatError(f"{p}: unreadable ({exc})", file=p) from exc
+    return p, raw, size
+
+
+def parse_safetensors_header(p: str, raw: bytes, size: int) -> TensorTable:
+    """The checked table of a header read by ``read_safetensors_header``."""
+    length = len(raw)
     try:
         with _paused_gc():
             header = json.loads(raw)
@@ -233,3 +244,13 @@ def read_bin_table(path: str | Path) -> TensorTable:
     end = np.cumsum(sizes)
     ndim, dims = shape_arrays(shapes)
     return TensorTable(p, names, dtypes, shapes, ndim, dims, end - sizes, end, 0, tensors)
+
+
+def check_data_size(table: TensorTable, size: int) -> None:
+    """Check ``table``'s byte ranges against a file of ``size`` bytes — for a table parsed
+    from byte-identical header bytes of another file: every other header check is a function
+    of those bytes alone; this one depends on the file (a truncated copy fails here)."""
+    data_len = size - table.data_start
+    if table.end.size and int(table.end.max()) > data_len:
+        _check_extents(table.path, table.names, table.dtypes, table.shapes,
+                       table.dims.prod(axis=1), table.begin, table.end, data_len)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from lora_cluster.adapters.weights import AdapterWeights, LoRATensors, ModuleKey
 from lora_cluster.errors import ConfigError
 from lora_cluster.model.parallel import ParallelInfo
 from lora_cluster.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from lora_cluster.adapters.plan_cache import PlanCache
 
 logger = logging.getLogger("lora_cluster.adapters")
 
@@ -263,17 +267,23 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def load_adapter(adapter_dir: str | Path, spec: ModelSpec, parallel: ParallelInfo, *,
                  name: str, version: int = 1, max_lora_rank: int,
                  dtype: torch.dtype | str | None = None, subfolder: str | None = None,
-                 layers: Iterable[int | None] | None = None) -> LoadedAdapter:
+                 layers: Iterable[int | None] | None = None,
+                 plans: PlanCache | None = None) -> LoadedAdapter:
     """Validate the adapter and read this rank's share of it (see module docstring).
 
     ``layers``: read only these decoder layers (``None`` in it: embed_tokens / lm_head), e.g.
     to stage an in-place update layer by layer; validation always covers the whole adapter.
+    ``plans``: reuse the plan of an adapter with byte-identical config and header validated
+    before (``plan_cache``; built for the same ``spec`` and ``max_lora_rank``).
     """
     stats = LoadStats()
     cast = _torch_dtype(dtype)
     load = build_load_spec(spec, parallel)
-    plan = inspect_adapter(adapter_dir, spec, max_lora_rank=max_lora_rank,
-                           subfolder=subfolder or name, stats=stats)
+    if plans is not None:
+        plan = plans.inspect(adapter_dir, subfolder=subfolder or name, stats=stats)
+    else:
+        plan = inspect_adapter(adapter_dir, spec, max_lora_rank=max_lora_rank,
+                               subfolder=subfolder or name, stats=stats)
     modules: dict[ModuleKey, LoRATensors] = {}
     with TensorReader(plan.table) as reader:
         t0, c0 = time.perf_counter(), stats.convert_ms

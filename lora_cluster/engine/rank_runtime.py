@@ -228,7 +228,7 @@ class RankRuntime:
         # for a read-ahead), so the load command only files the entry.
         t0 = time.perf_counter()
         self.activator.prepare(weights)
-        breakdown["plan"] = (time.perf_counter() - t0) * 1e3
+        breakdown["validate"] += (time.perf_counter() - t0) * 1e3
         return weights, breakdown
 
     def _load(self, cmd: LoadAdapter) -> LoadResult:

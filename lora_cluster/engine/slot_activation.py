@@ -69,6 +69,9 @@ class SlotActivator:
         self.bytes_activated = 0
         self.step_waits = 0
         self.host_ms = 0.0  # time the rank's thread spent issuing writes
+        table = getattr(model, "slot_table", None)
+        if table is not None:
+            _ = table.transfer  # made now: ``prepare`` may first run on a reader thread
 
     @property
     def asynchronous(self) -> bool:
@@ -76,7 +79,8 @@ class SlotActivator:
 
     def prepare(self, weights: Any) -> None:
         """Validate and plan a new host-cache entry now (typed errors as ``activate``), so
-        none of its activations pays for it; a no-op for models without a slot table."""
+        none of its activations pays for it; a no-op for models without a slot table. Safe
+        on another thread than the writes (the rank's reader thread plans beside the read)."""
         table = getattr(self.model, "slot_table", None)
         if table is not None:
             table.prepare(weights)

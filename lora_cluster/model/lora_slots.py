@@ -82,6 +82,14 @@ class LoRASlotTable:
         self._transfer: SlotTransfer | None = None
         self._plans: dict[int, PlannedWrite] = {}  # id(weights) → plan, dropped with weights
         self._views: dict[int, dict[DstKey, torch.Tensor]] = {}  # slot → resolved plan views
+        # Planning memos (slot buffers never move, so slot 0's views stand for every slot):
+        # a plan key's view in slot 0 (None: a gate/up pair that is not one block), and the
+        # zero lists of each set of (module, rank) an entry covers — entries of one shape
+        # plan with no per-target view building.
+        self._probe_views: dict[DstKey, torch.Tensor | None] = {}
+        self._zero_lists: dict[frozenset[tuple[ModuleKey, int]],
+                               tuple[list[DstKey], list[DstKey]]] = {}
+        self._dtype: torch.dtype | None = None
 
     @property
     def transfer(self) -> SlotTransfer:
@@ -170,7 +178,9 @@ class LoRASlotTable:
         return planned, checked
 
     def _slot_ready(self, checked: list[Checked]) -> bool:
-        dtype = self._probe().dtype
+        if self._dtype is None:
+            self._dtype = self._probe().dtype
+        dtype = self._dtype
         return all(t.a.dtype == dtype and t.b.dtype == dtype and float(t.scaling) == 1.0
                    for _, _, t in checked)
 
@@ -186,14 +196,13 @@ class LoRASlotTable:
     def _plan(self, checked: list[Checked],
               fingerprint: tuple[Any, ...]) -> PlannedWrite:
         """Segments of a validated slot-ready entry, and the views it leaves to zero."""
-        rank_max = self.max_rank
         present = {key: t for key, _, t in checked}
         pairs: dict[int | None, torch.Tensor] = {}  # layer → host gate|up B block
         for (layer, kind), t in present.items():
             up = present.get((layer, UP)) if kind == GATE else None
             if up is not None and up.b.shape == t.b.shape:
                 src = _halves(t.b, up.b)
-                if src is not None and self._resolve(0, ("pair", layer, _rank(t))) is not None:
+                if src is not None and self._slot0(("pair", layer, _rank(t))) is not None:
                     pairs[layer] = src
         segments = []
         for (layer, kind), t in present.items():
@@ -203,6 +212,18 @@ class LoRASlotTable:
                     segments.append(Segment(("pair", layer, _rank(t)), pairs[layer], True))
                 continue
             segments.append(self._segment(("v", (layer, kind), 1, _rank(t)), t.b))
+        covered = frozenset((key, _rank(t)) for key, t in present.items())
+        zeros = self._zero_lists.get(covered)
+        if zeros is None:
+            zeros = self._zero_lists[covered] = self._zeros(present)
+        groups = frozenset(target.group for _, target, _ in checked)
+        return self.transfer.plan(fingerprint, groups, segments, list(zeros[0]), list(zeros[1]))
+
+    def _zeros(self, present: Mapping[ModuleKey, SlotTensors]
+               ) -> tuple[list[DstKey], list[DstKey]]:
+        """(dense, strided) plan keys of what an entry covering ``present`` leaves to zero:
+        the targets it lacks and the rank padding of those it has below ``max_rank``."""
+        rank_max = self.max_rank
         uncovered = {key for key in self.targets
                      if key not in present or _rank(present[key]) < rank_max}
         zero_dense: list[DstKey] = []
@@ -210,22 +231,29 @@ class LoRASlotTable:
         for layer, kind in uncovered:
             for which in (0, 1):
                 if which == 1 and kind in (GATE, UP) and {(layer, GATE), (layer, UP)} <= uncovered \
-                        and self._resolve(0, ("pair", layer, rank_max)) is not None:
+                        and self._slot0(("pair", layer, rank_max)) is not None:
                     if kind == GATE:
                         zero_dense.append(("pair", layer, rank_max))
                     continue
                 full = self.targets[(layer, kind)].views(0, rank_max)[which]
                 dkey = ("v", (layer, kind), which, rank_max, _storage_order(full))
-                dense = self._resolve(0, dkey)
+                dense = self._slot0(dkey)
                 (zero_dense if dense is not None and dense.is_contiguous()
                  else zero_strided).append(dkey)
-        groups = frozenset(target.group for _, target, _ in checked)
-        return self.transfer.plan(fingerprint, groups, segments, zero_dense, zero_strided)
+        return zero_dense, zero_strided
+
+    def _slot0(self, dkey: DstKey) -> torch.Tensor | None:
+        """``_resolve(0, dkey)``, memoized (planning asks the same keys for every entry)."""
+        try:
+            return self._probe_views[dkey]
+        except KeyError:
+            view = self._probe_views[dkey] = self._resolve(0, dkey)
+            return view
 
     def _segment(self, where: DstKey, src: torch.Tensor) -> Segment:
         perm = _storage_order(src)
         dkey = (*where, perm)
-        dst = self._resolve(0, dkey)
+        dst = self._slot0(dkey)
         src = src.permute(perm)
         dense = bool(src.is_contiguous() and dst is not None and dst.is_contiguous())
         if dense and dst is not None and src.stride() != dst.stride():
