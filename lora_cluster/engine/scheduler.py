@@ -165,8 +165,9 @@ class Scheduler:
         for seq in order:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted as a victim earlier in this loop
-            if seq.pending and (seq.surely_done or seq.num_tokens >= self.cfg.context_limit):
-                continue  # its token in flight ends it: nothing more to compute
+            if seq.pending and (seq.pending > 1 or seq.surely_done
+                                or seq.num_tokens >= self.cfg.context_limit):
+                continue  # fed its token in flight already, or that token ends it
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue
