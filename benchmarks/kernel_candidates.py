@@ -1,20 +1,27 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--out benchmarks/results/kernels_candidates_v2_h100.json] [--no-tests] [--list]
+      [--set arrive|v5] [--out PATH] [--no-tests] [--list]
 
-1. The PDL GPU tests of tests/test_kernels_gpu.py (``-k pdl``) run in a subprocess (when
-   pytest is installed), while the candidates compile in parallel processes.
+Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
+single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
+tile × column group expands it, per-tile arrival counters that reset themselves) beside
+the plain split and today's split + PDL choice, dense and GQA qkv, T = 1, 8, 64, 1024, 1
+and 32 adapters, rank 16, over several column-group counts G; ``v5`` is the PDL /
+split-tile set of docs/KERNELS.md v5 (→ results/kernels_candidates_v2_h100.json).
+1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
+   in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
+   of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
 2. Each candidate is checked against the float32 reference on its case (from the case's
    pristine output, restored before every check and every timing), then timed with
-   do_bench_cudagraph. Cases: the shapes missing the issue's goals (rank 16), the PDL
-   thresholds' neighbourhood, and a regression set. Candidates: the plain split / fused
-   choice measured in docs/KERNELS.md ("legacy": ``config.choose_linear`` with PDL off),
-   today's heuristic (``config.choose_linear``), the legacy split tiles with PDL, and a few
-   split configs at T >= 1024. A PDL candidate whose tiles equal the legacy split's must
-   give the same bits (``bit_equal_legacy``).
-The table says which path wins where; set the thresholds at the top of
-kernels/lora_kernels/config.py from it. About 1-2 min on an H100.
+   do_bench_cudagraph. Candidates: the plain split / fused choice measured in
+   docs/KERNELS.md ("legacy": ``config.choose_linear`` with PDL off), today's heuristic
+   (``config.choose_linear``), the legacy split tiles with PDL, and the set's own. A PDL
+   candidate whose tiles equal the legacy split's must give the same bits
+   (``bit_equal_legacy``); an arrive candidate must leave its arrival counters at zero
+   after the timing replays (``counters_zero``), and whether its bits equal the legacy
+   split's is recorded (``bit_equal_split``, information only: a different kernel).
+The table says which path wins where. About 1-2 min (v5) / 2-3 min (arrive) on an H100.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ sys.path[:0] = [str(ROOT / "kernels"), str(Path(__file__).resolve().parent)]
 from lora_kernels import config as cfg  # noqa: E402
 from lora_kernels import reference  # noqa: E402
 
-from kernels import SHAPES, Case, _bench, copy_bandwidth, warm_compile  # noqa: E402
+from kernels import SHAPES, SLOTS, Case, _bench, copy_bandwidth, warm_compile  # noqa: E402
 
 Key = tuple[str, int, int, int]
 # (shape, rank, tokens, adapters): the goal misses first, then the regression set.
@@ -54,6 +61,12 @@ PEER_US = {("dense", 1, 1): 8.42, ("dense", 16, 32): 12.01, ("dense", 64, 32): 1
            ("qkv_gqa", 1024, 1): 44.99, ("qkv_gqa", 1024, 32): 76.16,
            ("qkv_gqa", 4096, 32): 280.71}
 S = cfg.SplitConfig
+A = cfg.ArriveConfig
+ARRIVE_CASES: list[Key] = [(s, 16, t, a) for s in ("dense", "qkv_gqa")
+                           for t in (1, 8, 64, 1024) for a in (1, 32)]
+RESULTS = ROOT / "benchmarks" / "results"
+SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"),
+        "v5": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v2_h100.json")}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -68,13 +81,35 @@ def legacy_choice(key: Key) -> cfg.LinearConfig:
     return replace(choice, pdl=False) if isinstance(choice, cfg.SplitConfig) else choice
 
 
-def candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+def arrive_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """Single-launch configs on the legacy split's row / K tiles, over column groups G.
+
+    GQA (N = 6144) takes 3/4 of dense's G, so groups end on slice boundaries (G = 6: one
+    slice per group, each group shrinks only its slice's rank rows).
+    """
+    shape, _, tokens, _ = key
+    scale = (lambda g: max(1, g * 3 // 4)) if shape == "qkv_gqa" else (lambda g: g)
+    if tokens <= 16:
+        out = [(f"arrive_g{scale(g)}", A(16, 256, 8, 64, scale(g))) for g in (1, 8, 16, 32, 64)]
+        return [*out, (f"arrive_sk16_g{scale(16)}", A(16, 256, 16, 64, scale(16)))]
+    if tokens <= 128:
+        out = [(f"arrive_g{scale(g)}", A(16, 128, 8, 128, scale(g))) for g in (4, 8, 16, 32)]
+        return [*out, (f"arrive_bn64_g{scale(64)}", A(16, 128, 8, 64, scale(64)))]
+    out = [(f"arrive_g{scale(g)}", A(64, 128, 4, 128, scale(g), warps=8)) for g in (2, 4, 8, 16)]
+    return [*out, (f"arrive_w4_g{scale(8)}", A(64, 128, 4, 128, scale(8))),
+            (f"arrive_bm32_g{scale(8)}", A(32, 128, 4, 128, scale(8)))]
+
+
+def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig):
+    if isinstance(legacy, cfg.SplitConfig) and (
+            which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
+    if which == "arrive":
+        return out + arrive_candidates(key)
     if tokens >= 1024:
         out += [("split_sk8", S(64, 128, 8, 128, 8, 4, 8)),
                 ("split_bm32", S(32, 128, 4, 128, 8, 4, 4)),
@@ -97,16 +132,27 @@ def _check(c: Case, config: cfg.LinearConfig | None, ref: torch.Tensor,
     return float((delta - ref).norm() / ref.norm().clamp_min(1e-30)), out
 
 
+def _counters_zero(c: Case, config: cfg.ArriveConfig) -> bool:
+    """Whether the shared arrival counters are all zero after the case's launches."""
+    from lora_kernels import arrive
+
+    torch.cuda.synchronize()
+    tiles, groups, _ = arrive.arrive_grid(c.x.shape[0], c.offs[-1], c.x.shape[1], SLOTS, config)
+    return int(arrive.shared_counters(c.x.device, tiles * groups).abs().sum()) == 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path,
-                    default=ROOT / "benchmarks" / "results" / "kernels_candidates_v2_h100.json")
+    ap.add_argument("--set", choices=sorted(SETS), default="arrive", dest="which")
+    ap.add_argument("--out", type=Path, help="JSON path (default: the set's)")
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--procs", type=int, default=8)
     ap.add_argument("--list", action="store_true", help="print the plan (no GPU needed)")
     args = ap.parse_args()
-    cases = MISSING + REGRESSION
-    plan = {key: candidates(key) for key in cases}
+    missing, regression, default_out = SETS[args.which]
+    cases = missing + regression
+    out_path: Path = args.out or default_out
+    plan = {key: candidates(key, args.which) for key in cases}
     if args.list:
         for key in cases:
             for name, config in plan[key]:
@@ -117,9 +163,10 @@ def main() -> None:
     import importlib.util
 
     if not args.no_tests and importlib.util.find_spec("pytest") is not None:
+        select = (["tests/test_kernels_arrive.py"] if args.which == "arrive"
+                  else ["tests/test_kernels_gpu.py", "-k", "pdl"])
         tests = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "tests/test_kernels_gpu.py", "-k", "pdl"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     jobs = [(key, c) for key in cases for _, c in plan[key]]
     t0 = time.time()
@@ -128,11 +175,11 @@ def main() -> None:
     tests_result: dict[str, Any] = dict(rc=None, tail="pytest not run")
     if tests is not None:
         try:
-            text, _ = tests.communicate(timeout=150)
+            text, _ = tests.communicate(timeout=180)
             tests_result = dict(rc=tests.returncode, tail=text[-3000:])
         except subprocess.TimeoutExpired:
             tests.kill()
-            tests_result = dict(rc=-1, tail="GPU tests timed out after 150 s")
+            tests_result = dict(rc=-1, tail="GPU tests timed out after 180 s")
         print(f"GPU tests rc={tests_result['rc']}: {tests_result['tail'][-400:]}", flush=True)
     bw = copy_bandwidth()
     rows = []
@@ -149,7 +196,7 @@ def main() -> None:
         for name, config in plan[key]:
             chosen = config if config is not None else _choice(key)
             row: dict[str, Any] = dict(shape=key[0], rank=key[1], tokens=key[2],
-                                       adapters=key[3], role="missing" if key in MISSING
+                                       adapters=key[3], role="missing" if key in missing
                                        else "regression", name=name, config=repr(chosen))
             try:
                 c.out.copy_(pristine)
@@ -159,13 +206,18 @@ def main() -> None:
                 elif (legacy_out is not None and isinstance(chosen, cfg.SplitConfig)
                       and replace(chosen, pdl=False) == legacy):
                     row["bit_equal_legacy"] = bool(torch.equal(got, legacy_out))
+                elif legacy_out is not None and isinstance(chosen, cfg.ArriveConfig):
+                    row["bit_equal_split"] = bool(torch.equal(got, legacy_out))
                 c.out.copy_(pristine)
                 row["graph_us"] = _bench(c.ours(config), graph=True, rep=20)
+                if isinstance(chosen, cfg.ArriveConfig):
+                    row["counters_zero"] = _counters_zero(c, chosen)
             except Exception as exc:  # a config the compiler rejects is reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rows.append(row)
                 continue
-            row["ok"] = row["rel_err"] < 2e-2 and row.get("bit_equal_legacy", True)
+            row["ok"] = (row["rel_err"] < 2e-2 and row.get("bit_equal_legacy", True)
+                         and row.get("counters_zero", True))
             base_us = row["graph_us"] if name == "legacy" else base_us
             row["vs_legacy"] = row["graph_us"] / base_us if base_us else None
             row["pct_floor"] = 100 * floor / row["graph_us"]
@@ -181,14 +233,16 @@ def main() -> None:
     import triton
 
     results["triton"] = triton.__version__
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    results["set"] = args.which
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1))
     print_table(results)
 
 
 def print_table(results: dict[str, Any]) -> None:
     """One line per candidate, the best of each case marked with '*'; after err, '=' / '!'
-    say whether a PDL candidate's bits equal the legacy split's with the same tiles."""
+    say whether a PDL candidate's bits equal the legacy split's with the same tiles, and
+    '~' / '.' the same for an arrive candidate (information only)."""
     print(f"card: {results['device']}  copy {results['copy_GBps']:.0f} GB/s  "
           f"total {results['seconds']} s")
     print(f"{'shape':8} {'T':>5} {'ad':>3} {'candidate':14} {'us':>7} {'/legacy':>8} "
@@ -205,7 +259,9 @@ def print_table(results: dict[str, Any]) -> None:
             peer = f"{r['peer_us'] / 2:7.2f}" if r["peer_us"] else "      -"
             goal = "-" if r["goal_met"] is None else ("yes" if r["goal_met"] else "no")
             mark = "*" if r is best else " "
-            bits = {True: "=", False: "!"}.get(r.get("bit_equal_legacy"), " ")
+            bits = {True: "=", False: "!"}.get(r.get("bit_equal_legacy"),
+                                               {True: "~", False: "."}.get(
+                                                   r.get("bit_equal_split"), " "))
             print(f"{key[0]:8} {key[1]:>5} {key[2]:>3} {r['name']:13}{mark} "
                   f"{r['graph_us']:7.2f} {r['vs_legacy'] or 0:8.2f} {r['pct_floor']:7.1f} "
                   f"{peer} {goal:>5} {r['rel_err']:8.1e}{bits} {r['config']}")
