@@ -175,11 +175,11 @@ def main() -> None:
     tests_result: dict[str, Any] = dict(rc=None, tail="pytest not run")
     if tests is not None:
         try:
-            text, _ = tests.communicate(timeout=180)
+            text, _ = tests.communicate(timeout=150)
             tests_result = dict(rc=tests.returncode, tail=text[-3000:])
         except subprocess.TimeoutExpired:
             tests.kill()
-            tests_result = dict(rc=-1, tail="GPU tests timed out after 180 s")
+            tests_result = dict(rc=-1, tail="GPU tests timed out after 150 s")
         print(f"GPU tests rc={tests_result['rc']}: {tests_result['tail'][-400:]}", flush=True)
     bw = copy_bandwidth()
     rows = []
