@@ -4,7 +4,10 @@ Tier decisions come from ``adapters.AdapterTiers`` (LRU at both tiers, in-flight
 keyed by adapter *version* so an old version can stay resident beside a new one. Each
 decision is sent to every rank (``adapter_commands``) and undone in the tiers if a rank
 refuses it, so the controller's view equals each rank's; while a step is planned
-(``riding``) placements and drops ride on that step instead (``engine/step_ops.py``). Also the scheduler's ``SlotProvider``: a sequence
+(``riding``) placements and drops ride on that step instead (``engine/step_ops.py``), and so
+does the load of a prefetched version the output rank reported read (``prefetch.ready``):
+no round trip, and — with asynchronous steps — no wait for the step in flight. Also the
+scheduler's ``SlotProvider``: a sequence
 binds the current version of its adapter at first admission and keeps it until it finishes;
 an old version that bound sequences still use is held (a tier pin) until the last finishes.
 
@@ -22,6 +25,8 @@ guards the state. Order is always exec_lock → lock. Methods named ``*_locked``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +59,7 @@ from lora_cluster.errors import (
 )
 from lora_cluster.model.spec import ModelSpec
 
+logger = logging.getLogger("lora_cluster.engine")
 
 def tier_id(key: AdapterKey) -> str:
     """The tiers' name for one adapter version."""
@@ -191,17 +197,76 @@ class AdapterControl:
         try:
             yield self.step_ops
         finally:
+            unloaded: set[AdapterKey] = set()
             for op in self.step_ops.take():
-                if isinstance(op, PlaceAdapter):
-                    self._place_now(op.key, op.slot)
+                if isinstance(op, LoadAdapter):
+                    if not self._load_now(op):
+                        unloaded.add(op.key)
+                elif isinstance(op, PlaceAdapter):
+                    if op.key in unloaded:
+                        with contextlib.suppress(LoRAClusterError):
+                            self.tiers.evict_device(tier_id(op.key))
+                    else:
+                        self._place_now(op.key, op.slot)
                 else:
                     self.commands.send_quietly(op, "planned with no step to ride")
 
     def ops_applied(self, ops: tuple[StepOp, ...], results: tuple[Any, ...]) -> None:
         """Record the ranks' reports on the ops a finished step carried."""
         for i, op in enumerate(ops):
-            if isinstance(op, PlaceAdapter):  # (a test double may report no results)
+            # (a test double may report no results)
+            if isinstance(op, PlaceAdapter):
                 self._record_place(op.key, list(results[i:i + 1]))
+            elif isinstance(op, LoadAdapter):
+                self._record_ridden_load(op.key, results[i] if i < len(results) else None)
+
+    # ---------------------------------------------------------------- ridden loads
+    def _can_ride(self, key: AdapterKey) -> bool:
+        """A prefetched version the output rank reported read, while a step is planned."""
+        return (self.step_ops.open and key in self.prefetch.ready
+                and key in self.prefetch.admitted)
+
+    def _ride_load(self, key: AdapterKey) -> None:
+        """Confirm ``key`` by a load riding on the step being planned (its host-tier entry
+        was made when it was read ahead); the outcome is recorded when the step lands."""
+        path = self.prefetch.admitted[key]
+        self.prefetch.confirm(key)
+        self.keys[tier_id(key)] = key
+        self.paths[key] = path
+        self.step_ops.load(key, path)
+
+    def _record_ridden_load(self, key: AdapterKey, result: Any) -> None:
+        self.prefetch.record_ridden(result if isinstance(result, LoadResult) else None)
+        rec = self.records.get(key[0])
+        if rec is None or rec.version != key[1] or not isinstance(result, LoadResult):
+            return
+        known = rec.bytes_per_rank
+        rec.record_load([result], result.total_ms)  # the output rank's report only
+        if self.config.world_size > 1 and known:
+            rec.bytes_per_rank = known
+
+    def ridden_load_failed(self, key: AdapterKey, cause: LoRAClusterError) -> None:
+        """A step failed on its ridden load of ``key`` (the group is rebuilt from the tiers,
+        where a reload of a bad source fails again and is left out)."""
+        self.reload_failures_by_cause[cause.code] += 1
+        rec = self.records.get(key[0])
+        if rec is not None and rec.version == key[1]:
+            rec.error = f"reload failed: {cause}"
+
+    def _load_now(self, op: LoadAdapter) -> bool:
+        """A ridden load planned with no step to ride: send it alone; undone on a refusal."""
+        replies = self.commands.send(lambda seq: dataclasses.replace(op, seq=seq))
+        err = first_error(replies)
+        if err is None:
+            for reply in replies[:1]:
+                self._record_ridden_load(op.key, reply.result)
+            return True
+        logger.warning("load of %s@v%d (planned with no step to ride) failed: %s",
+                       op.name, op.version, err)
+        self.tiers.remove(tier_id(op.key))
+        self._drop_on_ranks(op.key)
+        self._forget_if_dead(op.key)
+        return False
 
     def _drop_on_ranks(self, key: AdapterKey) -> None:
         self.prefetch.forget(key)
@@ -321,7 +386,9 @@ class AdapterControl:
                     f"pin_adapter; unpin one to serve other adapters", name=name)
             if not any(s is None or not self.tiers.held(s) for s in slots):
                 return None  # every slot serves running sequences: wait for one to finish
-            if not self.tiers.in_host(tid) or key in self.prefetch.admitted:
+            if self._can_ride(key):
+                self._ride_load(key)  # read on every rank already: no round trip
+            elif not self.tiers.in_host(tid) or key in self.prefetch.admitted:
                 try:
                     self._reload_locked(key)
                 except CapacityError:

@@ -46,6 +46,7 @@ from lora_cluster.engine.block_manager import BlockManager
 from lora_cluster.engine.controller_adapters import AdapterAdmin
 from lora_cluster.engine.messages import (
     AdapterCommand,
+    LoadAdapter,
     PlaceAdapter,
     RankReply,
     Step,
@@ -285,8 +286,12 @@ class ControllerCore(AdapterAdmin, AsyncStepper):
             if ops:
                 self.adapters.ops_applied(ops, result.adapter_results)
                 places = sum(isinstance(op, PlaceAdapter) for op in ops)
+                loads = sum(isinstance(op, LoadAdapter) for op in ops)
                 self._counters["placements_on_step"] += places
-                self._counters["drops_on_step"] += len(ops) - places
+                self._counters["loads_on_step"] += loads
+                self._counters["drops_on_step"] += len(ops) - places - loads
+            if result.read_ahead_ready:  # their loads may ride on the next steps
+                self.adapters.prefetch.mark_ready(result.read_ahead_ready)
             events = self.scheduler.apply(step, result.tokens, result.logits)
             # Async steps: a token sampled for a sequence that ended the step before is
             # dropped (never emitted) and not counted as generated.
@@ -317,7 +322,7 @@ class ControllerCore(AdapterAdmin, AsyncStepper):
             self._counters["steps_abandoned"] += len(abandoned)
             self.scheduler.preempt_all()
             failed = failed_op(err, planned.command.adapter_ops)
-            if isinstance(failed, PlaceAdapter):
+            if isinstance(failed, PlaceAdapter | LoadAdapter):
                 self._fail_placement(planned.step, failed, op_cause(err))
             if self._failures_in_a_row > 1:
                 for lost in (planned, *abandoned):
@@ -334,12 +339,14 @@ class ControllerCore(AdapterAdmin, AsyncStepper):
                 self._broken = ClusterError(f"rank group could not be rebuilt: {fatal}")
                 self._fail_all(self._broken)
 
-    def _fail_placement(self, step: ScheduledStep, op: PlaceAdapter,
+    def _fail_placement(self, step: ScheduledStep, op: PlaceAdapter | LoadAdapter,
                         cause: LoRAClusterError) -> None:
-        """A ridden placement failed on a rank: the step's requests that needed it fail with
-        the rank's typed cause; the rebuilt group does not re-place it (the next request for
-        it places it again). Caller holds ``_lock``, after ``preempt_all``."""
+        """A ridden placement (or load) failed on a rank: the step's requests that needed it
+        fail with the rank's typed cause; the rebuilt group does not re-place it (the next
+        request for it places it again). Caller holds ``_lock``, after ``preempt_all``."""
         self._counters["step_op_failures"] += 1
+        if isinstance(op, LoadAdapter):
+            self.adapters.ridden_load_failed(op.key, cause)
         logger.warning("step failed on its placement of %s@v%d: %s", op.name, op.version, cause)
         for seq, _ in step.entries:
             if seq.adapter == op.key:

@@ -203,7 +203,8 @@ class Step(Command):
 
     plan: StepPlan
     read_ahead: tuple[ReadAheadHint, ...] = ()
-    adapter_ops: tuple[PlaceAdapter | DropAdapter, ...] = ()
+    # LoadAdapter rides only for a read-ahead the output rank reported done (step_ops.py).
+    adapter_ops: tuple[PlaceAdapter | DropAdapter | LoadAdapter, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,8 +260,12 @@ class StepResult:
     tokens: tuple[tuple[int, int], ...] = ()
     logits: tuple[tuple[int, Any], ...] = ()
     forward_ms: float = 0.0
-    # One entry per ``Step.adapter_ops`` (the output rank's PlaceResult, None for a drop).
-    adapter_results: tuple[PlaceResult | None, ...] = ()
+    # One entry per ``Step.adapter_ops`` (the output rank's PlaceResult or LoadResult, None
+    # for a drop).
+    adapter_results: tuple[PlaceResult | LoadResult | None, ...] = ()
+    # Adapter versions whose read-ahead finished (read, validated, planned) on the output
+    # rank since its last step result: their loads may ride on a step (prefetch_book.py).
+    read_ahead_ready: tuple[AdapterKey, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ state lock; ``engine/prefetch.py`` fills it. Counters, as ``stats()["prefetch"]`
     hits       confirming loads every rank answered from its finished read-ahead
     waited     confirming loads that joined a read still in flight on some rank
     missed     confirming loads some rank read on the step path (read lost, not started, or failed)
+    ridden     confirming loads that rode on a step (the output rank had reported the read done)
     wasted     versions read ahead, then evicted or dropped before any request used them
     step_path_loads   loads of any kind that read from disk on the step path
 """
@@ -28,12 +29,16 @@ class PrefetchBook:
     admitted: dict[AdapterKey, str] = field(default_factory=dict)
     # Victims evicted from the host tier to make room, whose ``DropAdapter`` is not sent yet.
     queued_drops: dict[AdapterKey, None] = field(default_factory=dict)
+    # Admitted versions the output rank reported read (``StepResult.read_ahead_ready``): their
+    # confirming load rides on the step being planned instead of being a round trip.
+    ready: set[AdapterKey] = field(default_factory=set)
     issued: int = 0
     hits: int = 0
     waited: int = 0
     missed: int = 0
     wasted: int = 0
     step_path_loads: int = 0
+    ridden: int = 0
 
     def admit(self, key: AdapterKey, path: str) -> None:
         self.admitted[key] = path
@@ -41,10 +46,16 @@ class PrefetchBook:
 
     def confirm(self, key: AdapterKey) -> bool:
         """``key``'s load is being sent: True when prefetch had admitted it."""
+        self.ready.discard(key)
         return self.admitted.pop(key, None) is not None
+
+    def mark_ready(self, keys: tuple[AdapterKey, ...]) -> None:
+        """The output rank finished reading these (only those still admitted count)."""
+        self.ready.update(k for k in keys if k in self.admitted)
 
     def forget(self, key: AdapterKey) -> None:
         """``key`` left the host tier: wasted if it was read ahead and never used."""
+        self.ready.discard(key)
         if self.admitted.pop(key, None) is not None:
             self.wasted += 1
 
@@ -53,6 +64,12 @@ class PrefetchBook:
         self.wasted += len(self.admitted)
         self.admitted.clear()
         self.queued_drops.clear()
+        self.ready.clear()
+
+    def record_ridden(self, result: LoadResult | None) -> None:
+        """Fold in the output rank's outcome of a load that rode on a step."""
+        self.ridden += 1
+        self.record_load((RankReply(rank=0, result=result),), True)
 
     def record_load(self, replies: tuple[RankReply, ...], confirming: bool) -> None:
         """Fold the ranks' read-ahead outcomes of one load in."""
@@ -73,5 +90,6 @@ class PrefetchBook:
     def as_dict(self) -> dict[str, int]:
         return {"issued": self.issued, "hits": self.hits, "waited": self.waited,
                 "missed": self.missed, "wasted": self.wasted,
-                "step_path_loads": self.step_path_loads, "pending": len(self.admitted),
+                "step_path_loads": self.step_path_loads, "ridden": self.ridden,
+                "ready": len(self.ready), "pending": len(self.admitted),
                 "queued_drops": len(self.queued_drops)}

@@ -169,8 +169,11 @@ class RankRuntime:
             # Only this step's own adapters: a slot still being written elsewhere is not waited on.
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
             result = self.runner.run(command.plan, command.seq)
-            if done and isinstance(result, StepResult):  # only the output rank returns one
-                result = dataclasses.replace(result, adapter_results=done)
+            if isinstance(result, StepResult):  # only the output rank returns one
+                ready = self.read_ahead.take_ready()  # their loads may ride (step_ops.py)
+                if done or ready:
+                    result = dataclasses.replace(result, adapter_results=done,
+                                                 read_ahead_ready=ready)
             return result
         if isinstance(command, LoadAdapter):
             return self._load(command)
@@ -189,14 +192,16 @@ class RankRuntime:
             return None
         raise ClusterError(f"rank {self.parallel.rank}: unknown command {type(command).__name__}")
 
-    def _apply_ops(self, command: Step) -> tuple[PlaceResult | None, ...]:
+    def _apply_ops(self, command: Step) -> tuple[PlaceResult | LoadResult | None, ...]:
         """Run a step's ridden ops in order, exactly as their standalone commands would; the
         first that fails fails the step (before its forward) with ``op_failure``'s error."""
-        out: list[PlaceResult | None] = []
+        out: list[PlaceResult | LoadResult | None] = []
         for index, op in enumerate(command.adapter_ops):
             try:
                 if isinstance(op, PlaceAdapter):
                     out.append(self._place(op))
+                elif isinstance(op, LoadAdapter):
+                    out.append(self._load(op))  # read ahead: files the entry it read
                 elif isinstance(op, DropAdapter):
                     self._drop(op.key)
                     out.append(None)

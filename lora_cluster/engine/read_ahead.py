@@ -77,6 +77,7 @@ class ReadAhead(Generic[T]):
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers),
                                         thread_name_prefix="lora-read-ahead")
         self._closed = False
+        self._ready: list[AdapterKey] = []  # reads finished since the last ``take_ready``
         self.counts: Counter[str] = Counter(dict.fromkeys(_COUNTS, 0))
 
     def offer(self, hints: Iterable[ReadAheadHint]) -> int:
@@ -162,10 +163,21 @@ class ReadAhead(Generic[T]):
                 return
             entry.started = True
         try:
-            entry.future.set_result(self._read(entry.hint.path, entry.hint.name,
-                                               entry.hint.version))
+            value = self._read(entry.hint.path, entry.hint.name, entry.hint.version)
         except BaseException as exc:  # kept for ``take``; never ends the reader
             entry.future.set_exception(exc)
+            return
+        entry.future.set_result(value)
+        with self._lock:
+            if not entry.abandoned and value is not None:
+                self._ready.append(entry.hint.key)
+
+    def take_ready(self) -> tuple[AdapterKey, ...]:
+        """Versions whose read finished successfully since the last call (their load will
+        find them read unless they are dropped or pushed out meanwhile)."""
+        with self._lock:
+            ready, self._ready = tuple(self._ready), []
+            return ready
 
     def _count(self, what: str) -> None:
         with self._lock:

@@ -8,11 +8,18 @@ apply one raises ``op_failure``'s ClusterError, so the step fails into the contr
 recovery path (rank group rebuilt), which reads the failed op back with ``failed_op`` and
 fails the requests that needed it with the rank's typed cause (``op_cause``).
 
+Loads ride too, but only for a version whose read-ahead the output rank reported finished
+(``PrefetchBook.ready``): every rank then only files what it read (and validated and
+planned) beside the stream, so nothing is left to fail but a lost read, which the step's
+failure path covers. Any other load stays a standalone command: a read that may fail must
+give its request a typed error without failing the step.
+
 Order against standalone commands sent while planning (a ``LoadAdapter``): drops go to the
-ranks first (the load may need the room they free); placements keep riding (a load never
-touches a slot). A drop of a version whose placement is still pending (never seen in
-practice: the placement's request holds it) turns that placement into an ``EvictSlot``,
-which is what placing and then dropping leaves on a rank.
+ranks first (the load may need the room they free); placements and ridden loads keep riding
+(a load never touches a slot). A drop of a version whose placement is still pending (never
+seen in practice: the placement's request holds it) turns that placement into an
+``EvictSlot``, which is what placing and then dropping leaves on a rank; a ridden load of it
+is taken off the step (the drop also discards the rank's read-ahead of it).
 No torch here: the controller and the ranks both use it.
 """
 
@@ -23,13 +30,14 @@ from lora_cluster.engine.messages import (
     AdapterKey,
     DropAdapter,
     EvictSlot,
+    LoadAdapter,
     PlaceAdapter,
 )
 from lora_cluster.errors import ALL_ERRORS, ClusterError, LoRAClusterError
 
 # A ridden op is ordered by its place in its step, not by the stream: its own seq is unused.
 RIDES = -1
-StepOp = PlaceAdapter | DropAdapter
+StepOp = PlaceAdapter | DropAdapter | LoadAdapter
 
 
 class StepOps:
@@ -54,6 +62,10 @@ class StepOps:
     def drop(self, key: AdapterKey) -> None:
         self.ops.append(DropAdapter(seq=RIDES, name=key[0], version=key[1]))
 
+    def load(self, key: AdapterKey, path: str) -> None:
+        """A load whose read-ahead is done on the ranks (see module docstring)."""
+        self.ops.append(LoadAdapter(seq=RIDES, name=key[0], version=key[1], path=path))
+
     def take_drops(self) -> list[AdapterCommand]:
         """The pending drops, to send now ahead of a standalone command; placements stay."""
         if not any(isinstance(op, DropAdapter) for op in self.ops):
@@ -65,7 +77,9 @@ class StepOps:
             if isinstance(op, DropAdapter):
                 out.append(op)
             elif op.key in dropped:
-                out.append(EvictSlot(seq=RIDES, slot=op.slot))  # placed, then dropped
+                if isinstance(op, PlaceAdapter):
+                    out.append(EvictSlot(seq=RIDES, slot=op.slot))  # placed, then dropped
+                # (a ridden load of a dropped version: loaded, then dropped — nothing to do)
             else:
                 keep.append(op)
         self.ops = keep
@@ -79,6 +93,8 @@ def op_failure(rank: int, step_seq: int, index: int, op: StepOp,
     what = f"{type(op).__name__} {op.name}@v{op.version}"
     if isinstance(op, PlaceAdapter):
         what += f" → slot {op.slot}"
+    elif isinstance(op, LoadAdapter):
+        what += f" from {op.path}"
     return ClusterError(f"rank {rank}: step {step_seq}: {what} (op {index}) failed: "
                         f"{type(err).__name__}: {err}", rank=rank, op_index=index,
                         op_name=op.name, op_version=op.version, cause_type=type(err).__name__,
