@@ -10,6 +10,10 @@
 #   bash benchmarks/e2e_gpu.sh peft        # HF PEFT mixed batches, N = 1…100          (~4 min)
 #   bash benchmarks/e2e_gpu.sh merged      # merged weights per adapter, N = 1…100     (~5 min)
 #   bash benchmarks/e2e_gpu.sh all         # the three in one go (needs ~15 min)
+#   bash benchmarks/e2e_gpu.sh async-ab    # closed loop, N = 100, async_steps off vs on in
+#                                          # alternating rounds (benchmarks/async_steps.py, ~6 min)
+# The engine part runs with the default async_steps="auto" (on through Ray); the engine's
+# stats in the JSON say so ("async_steps", "tokens_discarded").
 #   extra flags go to `lora-cluster bench`, e.g.  bash benchmarks/e2e_gpu.sh peft --adapters 1,100
 #
 # Each part merges its results into $STATE/e2e_h100-moe.json (falling back to a copy carried
@@ -75,5 +79,12 @@ case "$part" in
     run_part peft "$@"
     run_part merged "$@"
     ;;
-  *) echo "usage: $0 engine|peft|merged|all [bench flags…]" >&2; exit 2 ;;
+  async-ab)
+    dest=${OUT:-$root/benchmarks/results}
+    mkdir -p "$dest"
+    $PY benchmarks/async_steps.py --preset h100-moe --backend ray --adapters 100 --rounds 2 \
+      --warmup 20 --duration 30 --cache-dir "$BENCH_CACHE" \
+      --out "$dest/async_steps_h100.json" "$@" 2>&1 | tee -a "$dest/async_steps_h100.log"
+    ;;
+  *) echo "usage: $0 engine|peft|merged|all|async-ab [bench flags…]" >&2; exit 2 ;;
 esac

@@ -96,7 +96,8 @@ class ClusterConfig:
     num_cpus_per_rank: float = 1.0
     # Asynchronous steps: send step k+1 to the ranks before step k's result is back, so the
     # controller's planning and applying overlap the ranks' forward (docs/ARCHITECTURE.md).
-    # "auto": on when the rank group can keep a step in flight (``submit``/``collect``).
+    # "auto": on when the rank group can keep a step in flight (``submit``/``collect``) and
+    # its ranks run in other processes (Ray); True also in process (LocalRankGroup).
     async_steps: bool | Literal["auto"] = "auto"
     seed: int = 0
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)

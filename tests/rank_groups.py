@@ -36,6 +36,8 @@ from lora_cluster.errors import ClusterError, LoRAClusterError
 class ThreadRankGroup:
     """``config.tp_size × config.ep_size`` in-process ranks driven in lock-step."""
 
+    ASYNC_AUTO = False  # in process, like LocalRankGroup: asynchronous only when asked
+
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.pool = ThreadPoolExecutor(config.world_size, thread_name_prefix="rank")

@@ -14,19 +14,22 @@ import time
 from pathlib import Path
 
 import pytest
+from oracle import oracle_greedy
 from rank_groups import ThreadRankGroup
 
 from lora_cluster.config import ClusterConfig, SamplingParams
 from lora_cluster.engine.controller_core import ControllerCore
 from lora_cluster.engine.messages import PREV_TOKEN, AdapterKey
-from lora_cluster.engine.rank_group import LocalRankGroup, supports_async
+from lora_cluster.engine.rank_group import LocalRankGroup, async_by_default, supports_async
 from lora_cluster.engine.scheduler import Scheduler, SchedulerConfig
 from lora_cluster.engine.sequence import SeqStatus, Sequence
 from lora_cluster.engine.tokenizer import Tokenizer
 from lora_cluster.errors import ConfigError
 from lora_cluster.model.spec import load_model_spec
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore:.*pattern keys did not match:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
 PROMPTS = [[1, 40, 41, 42, 300, 7, 99], [5, 6, 7], list(range(100, 130)), [200, 17],
            [1, 250, 251, 252, 8], [9]]
@@ -277,3 +280,33 @@ def test_async_true_needs_a_group_that_can_hold_steps(qwen3_moe_dir):
                         async_steps=True)
     with pytest.raises(ConfigError, match="submit/collect"):
         ControllerCore(cfg, load_model_spec(qwen3_moe_dir), SyncOnly())  # type: ignore[arg-type]
+
+
+def test_async_tokens_match_the_hf_peft_oracle(qwen3_moe_dir, adapter):
+    core = make_core(qwen3_moe_dir, async_steps=True)
+    try:
+        core.load_adapter("a", str(adapter))
+        got = core.generate(PROMPTS[:3], ["a", None, "a"],
+                            SamplingParams(max_tokens=6, ignore_eos=True))
+        assert core.stats()["async_steps"] and core.stats()["steps"] >= 6
+    finally:
+        core.shutdown()
+    for res, prompt, ad in zip(got, PROMPTS[:3], [adapter, None, adapter]):
+        want = oracle_greedy(qwen3_moe_dir, ad, prompt, 6, stop_at_eos=False)
+        assert list(res.token_ids) == want
+
+
+def test_auto_is_on_for_groups_of_other_processes_only(qwen3_moe_dir):
+    class Remote:  # stands for RayRankGroup (ranks in other processes)
+        def submit(self, command): ...
+
+        def collect(self, ticket): ...
+
+    assert async_by_default(Remote())
+    cfg = ClusterConfig(model=str(qwen3_moe_dir), device="cpu", dtype="float32",
+                        kv_cache_bytes=1 << 20)
+    local = LocalRankGroup(cfg)
+    try:
+        assert supports_async(local) and not async_by_default(local)
+    finally:
+        local.close()

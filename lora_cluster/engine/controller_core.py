@@ -54,7 +54,7 @@ from lora_cluster.engine.messages import (
 )
 from lora_cluster.engine.prefetch import Prefetcher
 from lora_cluster.engine.prompts import Prompt, eos_ids, per_prompt, prompt_ids
-from lora_cluster.engine.rank_group import RankGroup, supports_async
+from lora_cluster.engine.rank_group import RankGroup, async_by_default, supports_async
 from lora_cluster.engine.rank_runtime import context_limit_for
 from lora_cluster.engine.read_ahead import read_ahead_depth
 from lora_cluster.engine.request_handle import RequestHandle, wait_all
@@ -100,7 +100,7 @@ class ControllerCore(AdapterAdmin, AsyncStepper):
             raise ConfigError(f"async_steps: True needs a rank group that can keep a step in "
                               f"flight (submit/collect); {type(rank_group).__name__} cannot",
                               field="async_steps")
-        self.async_steps = (supports_async(rank_group) if config.async_steps == "auto"
+        self.async_steps = (async_by_default(rank_group) if config.async_steps == "auto"
                             else bool(config.async_steps))
         self.group_info = rank_group.describe()
         self.context_limit = min(context_limit_for(config, spec),

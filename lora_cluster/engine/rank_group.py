@@ -82,12 +82,21 @@ def supports_async(group: object) -> bool:
     return all(callable(getattr(type(group), name, None)) for name in ("submit", "collect"))
 
 
+def async_by_default(group: object) -> bool:
+    """What ``async_steps="auto"`` picks: on where the group supports it and says it gains
+    (class attribute ``ASYNC_AUTO``, default True: ranks in other processes)."""
+    return supports_async(group) and bool(getattr(type(group), "ASYNC_AUTO", True))
+
+
 class LocalRankGroup:
     """One in-process ``RankRuntime`` (tp_size = ep_size = 1).
 
-    ``submit`` runs steps on one worker thread (the forward overlaps the controller's
-    planning); every other call first waits for the steps in flight, so order holds.
+    ``submit`` runs steps on one worker thread; every other call first waits for the steps
+    in flight, so order holds. Not on under "auto": the worker and the controller share one
+    GIL, and on cpu-tiny at 128 sequences the overlap measured 0.90× (docs/PERFORMANCE.md).
     """
+
+    ASYNC_AUTO = False
 
     def __init__(self, config: ClusterConfig) -> None:
         if config.world_size != 1:
