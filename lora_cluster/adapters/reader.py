@@ -51,13 +51,17 @@ class TensorReader:
         self.bytes_read = 0
         self.tensors_read = 0
         self._buf: np.ndarray | None = None
+        self._mm: mmap.mmap | None = None
         if table.tensors is None:
-            self._buf = np.memmap(table.path, dtype=np.uint8, mode="r")
-            mm = getattr(self._buf, "_mmap", None)
-            if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+            mapped = np.memmap(table.path, dtype=np.uint8, mode="r")
+            self._mm = getattr(mapped, "_mmap", None)
+            if self._mm is not None and hasattr(mmap, "MADV_RANDOM"):
                 # No readahead: a fault maps only its own page, so the neighbouring (remote)
                 # experts' bytes are not paged into this rank.
-                mm.madvise(mmap.MADV_RANDOM)
+                self._mm.madvise(mmap.MADV_RANDOM)
+            # A plain array over the same map: slicing a memmap builds a memmap per slice
+            # (~80 µs of Python per tensor of a small adapter); this stays a view.
+            self._buf = mapped.view(np.ndarray)
 
     def __enter__(self) -> TensorReader:
         return self
@@ -66,9 +70,8 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        buf, self._buf = self._buf, None
-        mm = getattr(buf, "_mmap", None)
-        del buf
+        self._buf = None
+        mm, self._mm = self._mm, None
         if mm is not None:
             # A caller may still hold a view; then the GC closes the map later.
             with contextlib.suppress(BufferError):
@@ -100,6 +103,12 @@ class TensorReader:
         if self.table.tensors is not None:
             return self._bin_stack(pos, rows, cols)
         n_rows, n_cols, dtype, size, _ = self._geometry(int(pos[0]))
+        if pos.size == 1 and _whole(rows, n_rows) and _whole(cols, n_cols):
+            # One whole tensor (a TP-unsharded linear): one byte run, no index arrays.
+            first = self.table.data_start + int(self.table.begin[int(pos[0])])
+            self.tensors_read += 1
+            whole = self._gather(np.asarray([first]), n_rows * n_cols * size)
+            return torch.from_numpy(whole).view(dtype).reshape(1, n_rows, n_cols)
         # Callers stack tensors of one plan-verified shape; sizes and dtypes are re-checked here
         # in bulk because a stack must never mix them.
         sizes = self.table.end[pos] - self.table.begin[pos]
@@ -144,6 +153,11 @@ class TensorReader:
             parts.append(part)
         self.tensors_read += len(parts)
         return torch.stack(parts)
+
+
+def _whole(sel: Range | np.ndarray | None, full: int) -> bool:
+    """Whether a selection is the whole dimension (None or the range [0, full))."""
+    return sel is None or (isinstance(sel, tuple) and sel[0] == 0 and sel[1] == full)
 
 
 def _index(sel: Range | np.ndarray | None, full: int) -> np.ndarray:
