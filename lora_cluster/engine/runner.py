@@ -1,8 +1,9 @@
-"""Step runner: the one place host lists become tensors.
+"""Step runner: turns a ``StepPlan`` into forwards on one rank.
 
-A ``StepPlan`` becomes a ``ForwardBatch`` on the rank's device, the model runs, and on the
-output rank the sampler picks tokens and scoring logits are collected. Every rank runs the
-forward (the collectives need all of them); only the output rank samples.
+The runner mirrors each live sequence's KV block table from the plans' deltas and dispatches
+the plan's rows to executors (``step_executors``); every rank runs the forwards (the
+collectives need all of them), and on the output rank ``StepOutputs`` (``step_outputs``)
+samples tokens and collects scoring logits.
 
 Decode rows go through a *decode executor* (CUDA graphs on GPU): a pure decode step entirely,
 and a mixed step split in two — its single-token rows through the executor, its multi-row
@@ -13,29 +14,19 @@ decided from the plan alone, so every rank runs the same sequence of forwards.
 The multi-row part (the eager rows of a split step, or a whole step that does not split) goes
 through a *prefill executor* (CUDA graphs per token bucket on GPU) when it fits one: only
 last-row logits needed, few enough sequences and rows — again a function of the plan alone.
-
-The runner mirrors each live sequence's KV block table from the plans' deltas, and on the
-output rank holds the logits of scoring prefills that span several steps.
-
-Asynchronous steps: a plan with ``share_tokens`` makes the output rank's sampled tokens known
-to every rank (a sum over the world: the others add zeros — exact for integers, and correct
-whatever the backend, unlike every rank sampling its own copy of the logits and trusting them
-to be bit-identical); each rank keeps the last token of every live sequence and substitutes
-it for the ``PREV_TOKEN`` fed by the next plan's ``placeholders``.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from lora_cluster.engine.cuda_graphs import DecodeGraphs
-from lora_cluster.engine.messages import PREV_TOKEN, SeqStep, StepPlan, StepResult
+from lora_cluster.engine.messages import SeqStep, StepPlan, StepResult
 from lora_cluster.engine.prefill_graphs import (
     PREFILL_BUCKETS,
     PREFILL_GRAPH_SEQS,
@@ -43,129 +34,18 @@ from lora_cluster.engine.prefill_graphs import (
     PrefillGraphs,
     prefill_buckets,
 )
-from lora_cluster.engine.sampler import SamplingBatch, sample
-from lora_cluster.model.batch import ForwardBatch
+from lora_cluster.engine.step_executors import (
+    DecodeExecutor,
+    EagerDecode,
+    ForwardModel,
+    PrefillExecutor,
+    build_batch,
+)
+from lora_cluster.engine.step_outputs import Span, StepOutputs
 
 # Fewer decode rows than this in a mixed step: one eager forward for all (a graph replay
 # beside the eager forward would cost more than the few rows it takes out of it).
 SPLIT_MIN_DECODES = 8
-
-# Where a sequence's logits rows are: (part, first row, end row) in the step's logits parts.
-Span = tuple[int, int, int]
-
-
-class ForwardModel(Protocol):
-    """What the runner needs from the decoder."""
-
-    def forward(self, batch: ForwardBatch, kv_cache: Any) -> torch.Tensor:
-        """Logits [N, V] float32 of ``batch.logits_rows``."""
-        ...
-
-
-class DecodeExecutor(Protocol):
-    """Runs single-token rows of up to ``max_num_seqs`` sequences in one forward."""
-
-    max_num_seqs: int
-    replays: int
-
-    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
-            block_size: int) -> torch.Tensor:
-        """Logits [len(seqs), V], row i for ``seqs[i]``; valid until the next ``run``."""
-        ...
-
-
-class PrefillExecutor(Protocol):
-    """Runs the multi-row part of a step padded to a token bucket (``prefill_graphs``)."""
-
-    runs: int
-    padding_rows: int
-
-    def bucket_for(self, seqs: Sequence[SeqStep]) -> int | None:
-        """The bucket ``seqs`` run in, or None when they must run eagerly (plan-only)."""
-        ...
-
-    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
-            block_size: int) -> torch.Tensor:
-        """Logits [len(seqs), V], row i of ``seqs[i]``'s last row; valid until the next run."""
-        ...
-
-
-def build_batch(seqs: Sequence[SeqStep], tables: Sequence[list[int]], *, block_size: int,
-                device: torch.device, every_row: bool = False
-                ) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-    """The batch tensors of ``seqs``, and each sequence's [first, end) rows in the output.
-
-    Logits rows: every row of a scoring sequence, the last row of a sampling one, none
-    otherwise — or every row of every sequence with ``every_row`` (the decode executors'
-    contract: one logits row per sequence).
-    """
-    bs = block_size
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    kv_map: list[int] = []
-    qsl = [0]
-    ctx: list[int] = []
-    rows: list[int] = []
-    spans: list[tuple[int, int]] = []
-    width = max(len(t) for t in tables)
-    flat_tables: list[int] = []
-    for s, table in zip(seqs, tables):
-        n = len(s.token_ids)
-        first = qsl[-1]
-        input_ids.extend(s.token_ids)
-        pos = range(s.start_pos, s.start_pos + n)
-        positions.extend(pos)
-        slots.extend([s.slot] * n)
-        kv_map.extend(table[p // bs] * bs + p % bs for p in pos)
-        qsl.append(first + n)
-        ctx.append(s.context_len)
-        begin = len(rows)
-        if every_row or s.logits != "none":
-            rows.extend(range(first, first + n))
-        elif s.sample is not None:
-            rows.append(first + n - 1)
-        spans.append((begin, len(rows)))
-        flat_tables.extend(table)
-        flat_tables.extend([0] * (width - len(table)))
-
-    def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    batch = ForwardBatch(
-        input_ids=t(input_ids, torch.int64),
-        positions=t(positions, torch.int64),
-        token_slots=t(slots, torch.int32),
-        query_start_loc=t(qsl, torch.int32),
-        context_lens=t(ctx, torch.int32),
-        block_tables=t(flat_tables, torch.int32).view(len(seqs), width),
-        kv_slot_mapping=t(kv_map, torch.int64),
-        logits_rows=t(rows, torch.int64),
-        is_decode=all(len(s.token_ids) == 1 for s in seqs),
-        max_context_len=max(ctx),
-    )
-    return batch, spans
-
-
-class EagerDecode:
-    """The decode executor without CUDA graphs: one eager ``is_decode`` forward.
-
-    What ``DecodeGraphs`` does on GPU, on any device: it makes the step split testable on CPU.
-    """
-
-    def __init__(self, model: ForwardModel, kv_cache: Any, *, device: torch.device,
-                 max_num_seqs: int) -> None:
-        self.model, self.kv_cache, self.device = model, kv_cache, device
-        self.max_num_seqs = max_num_seqs
-        self.replays = 0
-
-    def run(self, seqs: Sequence[SeqStep], tables: Sequence[list[int]],
-            block_size: int) -> torch.Tensor:
-        """Logits [len(seqs), V] of one decode forward."""
-        batch, _ = build_batch(seqs, tables, block_size=block_size, device=self.device,
-                               every_row=True)
-        self.replays += 1
-        return self.model.forward(batch, self.kv_cache)
 
 
 class StepRunner:
@@ -195,11 +75,9 @@ class StepRunner:
         self.split_mixed = split_mixed
         self.split_min_decodes = max(1, split_min_decodes)
         self._tables: dict[int, list[int]] = {}
-        self._held_logits: dict[int, list[torch.Tensor]] = {}
-        # Asynchronous steps: the sum over every rank (``Comm.all_reduce_world``; None: one
-        # rank) and each live sequence's last sampled token.
-        self.share = share
-        self._last_tokens: dict[int, int] = {}
+        # Held scoring logits and, for asynchronous steps, each live sequence's last sampled
+        # token shared over every rank through ``share``.
+        self.outputs = StepOutputs(device=device, share=share)
         self.counters: collections.Counter[str] = collections.Counter()
         self.context_limit = context_limit
         self.prefill_buckets = prefill_buckets(max_num_batched_tokens)
@@ -259,8 +137,7 @@ class StepRunner:
     def reset(self) -> None:
         """Forget every sequence (the controller restarted its schedule)."""
         self._tables.clear()
-        self._held_logits.clear()
-        self._last_tokens.clear()
+        self.outputs.reset()
 
     def stats(self) -> dict[str, int]:
         """Step counters: decode-executor steps, split steps and their decode rows, eager
@@ -296,8 +173,7 @@ class StepRunner:
         start = time.perf_counter()
         for seq_id in plan.released:
             self._tables.pop(seq_id, None)
-            self._held_logits.pop(seq_id, None)
-            self._last_tokens.pop(seq_id, None)
+            self.outputs.forget(seq_id)
         for s in plan.seqs:
             old = self._tables.get(s.seq_id, [])
             table = old[:s.blocks_from] + list(s.new_blocks)
@@ -307,7 +183,7 @@ class StepRunner:
             self._tables[s.seq_id] = table
         if not plan.seqs:
             return StepResult(seq=seq) if self.is_output_rank else None
-        seqs = self._fill_placeholders(plan) if plan.placeholders else plan.seqs
+        seqs = self.outputs.fill_placeholders(plan) if plan.placeholders else plan.seqs
         parts: list[torch.Tensor] = []
         spans: list[Span] = [(0, 0, 0)] * len(seqs)
         if (self.decode is not None and plan.is_decode
@@ -326,38 +202,9 @@ class StepRunner:
             parts.append(self._run_multi(seqs, range(len(seqs)), spans, part=0))
         if not self.is_output_rank:
             if plan.share_tokens:
-                self._learn_tokens(seqs, None)
+                self.outputs.learn_tokens(seqs, None)
             return None
-        return self._postprocess(seqs, parts, spans, seq, start, plan.share_tokens)
-
-    def _fill_placeholders(self, plan: StepPlan) -> list[SeqStep]:
-        """``plan.seqs`` with each placeholder's last token replaced by the one this rank
-        learnt for the sequence in the previous step."""
-        seqs = list(plan.seqs)
-        for i in plan.placeholders:
-            s = seqs[i]
-            token = self._last_tokens.get(s.seq_id)
-            if token is None or s.token_ids[-1] != PREV_TOKEN:
-                raise RuntimeError(f"sequence {s.seq_id}: fed the previous step's token, but "
-                                   f"this rank learnt none for it")
-            seqs[i] = dataclasses.replace(s, token_ids=(*s.token_ids[:-1], token))
-        return seqs
-
-    def _learn_tokens(self, seqs: Sequence[SeqStep], sampled: torch.Tensor | None) -> list[int]:
-        """Every rank: this step's sampled tokens in plan order (``sampled`` on the output
-        rank, zeros elsewhere, summed over the world), kept for the next placeholders."""
-        index = [i for i, s in enumerate(seqs) if s.sample is not None]
-        if not index:
-            return []
-        if self.share is not None:
-            if sampled is None:
-                sampled = torch.zeros(len(index), dtype=torch.int64, device=self.device)
-            sampled = self.share(sampled.to(torch.int64))
-        assert sampled is not None
-        values = sampled.tolist()
-        for i, token in zip(index, values):
-            self._last_tokens[seqs[i].seq_id] = int(token)
-        return values
+        return self.outputs.postprocess(seqs, parts, spans, seq, start, plan.share_tokens)
 
     def _run_decode(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
                     part: int) -> torch.Tensor:
@@ -396,44 +243,7 @@ class StepRunner:
             spans[i] = (part, begin, end)
         return self.model.forward(batch, self.kv_cache)
 
-    def _postprocess(self, seqs: Sequence[SeqStep], parts: list[torch.Tensor],
-                     spans: list[Span], seq: int, start: float,
-                     share_tokens: bool = False) -> StepResult:
-        sampled = [i for i, s in enumerate(seqs) if s.sample is not None]
-        tokens: tuple[tuple[int, int], ...] = ()
-        if sampled:
-            # One sampler call over every part's last rows, then back to plan order.
-            picked_rows: list[torch.Tensor] = []
-            order: list[int] = []
-            for p, part_logits in enumerate(parts):
-                mine = [i for i in sampled if spans[i][0] == p]
-                if mine:
-                    rows = torch.tensor([spans[i][2] - 1 for i in mine], device=part_logits.device)
-                    picked_rows.append(part_logits.index_select(0, rows))
-                    order.extend(mine)
-            logits = picked_rows[0] if len(picked_rows) == 1 else torch.cat(picked_rows)
-            batch = SamplingBatch.from_specs([seqs[i].sample for i in order],  # type: ignore[misc]
-                                             logits.device)
-            picked = sample(logits.float(), batch)
-            if share_tokens:
-                # Back to plan order on the device, then one sum over the world.
-                perm = torch.tensor(order).argsort().to(picked.device)
-                in_plan = picked.index_select(0, perm)
-                values = self._learn_tokens(seqs, in_plan)
-                tokens = tuple((seqs[i].seq_id, int(v)) for i, v in zip(sampled, values))
-            else:
-                by_index = dict(zip(order, picked.tolist()))
-                tokens = tuple((seqs[i].seq_id, int(by_index[i])) for i in sampled)
-        emitted: list[tuple[int, Any]] = []
-        for i, s in enumerate(seqs):
-            if s.logits == "none":
-                continue
-            p, begin, end = spans[i]
-            part = parts[p][begin:end].to("cpu", torch.float32, copy=True)
-            held = self._held_logits.setdefault(s.seq_id, [])
-            held.append(part)
-            if s.logits == "emit":
-                del self._held_logits[s.seq_id]
-                emitted.append((s.seq_id, held[0] if len(held) == 1 else torch.cat(held)))
-        return StepResult(seq=seq, tokens=tokens, logits=tuple(emitted),
-                          forward_ms=(time.perf_counter() - start) * 1e3)
+
+
+__all__ = ["SPLIT_MIN_DECODES", "DecodeExecutor", "EagerDecode", "ForwardModel",
+           "PrefillExecutor", "Span", "StepRunner", "build_batch"]

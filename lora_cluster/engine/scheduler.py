@@ -15,10 +15,8 @@ Fairness and liveness rules:
 - A single sequence always fits the cache alone (``context_limit`` <= cache capacity), so
   preemption always ends with progress.
 
-Prefill batching (``PrefillBatching``, off by default): while a step would be a pure decode
-of enough sequences, new prompts may wait a bounded number of steps / milliseconds so that
-several of them share one prefill forward (on GPU a decode step replays a CUDA graph; an
-eager prefill forward costs about the same whether it holds one prompt or ten).
+Prefill batching (``PrefillBatching``, off by default; ``prefill_hold``) may hold new prompts
+back for a bounded time while a step would be a pure decode, so several share one prefill.
 
 Asynchronous steps (``SchedulerConfig.async_steps``): ``schedule`` may run before the previous
 step's ``apply``. A sequence that samples in a step has a *pending* token until its result is
@@ -31,79 +29,22 @@ is not re-admitted while a token is pending.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from lora_cluster.config import PrefillBatching
 from lora_cluster.engine.block_manager import BlockManager, blocks_for
 from lora_cluster.engine.messages import AdapterKey, SeqStep, StepPlan
+from lora_cluster.engine.prefill_hold import PrefillHold
+from lora_cluster.engine.scheduler_types import (
+    ScheduledStep,
+    SchedulerConfig,
+    SeqEvent,
+    SlotProvider,
+)
 from lora_cluster.engine.sequence import SeqStatus, Sequence
 from lora_cluster.errors import LoRAClusterError, RequestError
-
-
-class SlotProvider(Protocol):
-    """The device-slot tier as the scheduler sees it.
-
-    A sequence is *bound* to one adapter version from its first admission until it finishes
-    (a preempted sequence resumes on the same version, never a mix); while running it also
-    *pins* that version's slot.
-    """
-
-    def acquire(self, name: str, bound: AdapterKey | None) -> tuple[AdapterKey, int] | None:
-        """(version, slot) for a sequence of adapter ``name``, pinned for it; None while no
-        slot can be freed. ``bound`` is None on first admission (bind the current version).
-
-        May make the version resident first, and raises the typed error if that fails.
-        """
-        ...
-
-    def release(self, key: AdapterKey) -> None:
-        """Drop one running sequence's pin on ``key``."""
-        ...
-
-    def unbind(self, key: AdapterKey) -> None:
-        """A sequence bound to ``key`` finished."""
-        ...
-
-
-@dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
-    """Limits the scheduler works within."""
-
-    num_blocks: int
-    block_size: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    context_limit: int  # max prompt + output tokens of one sequence; fits the cache alone
-    eos_token_ids: tuple[int, ...] = ()
-    watermark_blocks: int = 0  # kept free at admission while others run (avoids instant preemption)
-    prefill_batching: PrefillBatching = field(default_factory=PrefillBatching)  # default: admit at once
-    async_steps: bool = False  # plans ask the ranks to share sampled tokens (PREV_TOKEN feeds)
-
-    def __post_init__(self) -> None:
-        if self.context_limit > self.num_blocks * self.block_size:
-            raise ValueError("context_limit must fit the KV cache alone")
-
-
-@dataclass(frozen=True)
-class ScheduledStep:
-    """A plan plus the host-side view needed to apply its result."""
-
-    plan: StepPlan
-    entries: tuple[tuple[Sequence, int], ...]  # (sequence, tokens fed this step)
-
-
-@dataclass(frozen=True)
-class SeqEvent:
-    """Something a caller waits on: a new token, and/or the end of the sequence."""
-
-    seq: Sequence
-    new_token: int | None
-    finished: bool
 
 
 class Scheduler:
@@ -118,10 +59,7 @@ class Scheduler:
         self._released: list[int] = []
         self._finished_events: list[SeqEvent] = []
         self.num_preemptions = 0
-        # Prefill batching: when the current hold began (None: not holding), steps held since.
-        self._hold_since: float | None = None
-        self._held = 0
-        self.num_held_steps = 0  # steps that left admissible prompts waiting (batching)
+        self.hold = PrefillHold()
         self.num_admissions = 0  # steps that admitted at least one prompt
         self.num_admitted = 0  # prompts admitted (recomputes after preemption included)
 
@@ -154,6 +92,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_held_steps(self) -> int:
+        """Steps that left admissible prompts waiting (prefill batching)."""
+        return self.hold.num_held_steps
+
     # ---------------------------------------------------------------- one step
     def schedule(self) -> ScheduledStep | None:
         """The next step's plan, or None when nothing can run now."""
@@ -178,11 +121,13 @@ class Scheduler:
             self.blocks.grow(seq.seq_id, seq.num_computed + n)
             entries.append((seq, n))
             budget -= n
-        if not preempted and self._admission_open(entries, budget):
+        seats = self.cfg.max_num_seqs - len(self.running)
+        if not preempted and self.hold.admits(self.cfg.prefill_batching, entries, budget,
+                                              self.waiting, seats):
             before = len(entries)
             budget = self._admit(entries, budget)
             if len(entries) > before:
-                self._hold_since, self._held = None, 0
+                self.hold.reset()
                 self.num_admissions += 1
                 self.num_admitted += len(entries) - before
         if not entries:
@@ -226,32 +171,6 @@ class Scheduler:
             if victim is seq:
                 return False, True
         return True, evicted
-
-    def _admission_open(self, entries: list[tuple[Sequence, int]], budget: int) -> bool:
-        """Whether waiting prompts may join this step (``PrefillBatching``); counts holds."""
-        policy = self.cfg.prefill_batching
-        seats = self.cfg.max_num_seqs - len(self.running)
-        if not self.waiting or seats <= 0:
-            self._hold_since = None  # a hold starts when a prompt could come in, not before
-        if policy.hold_steps == 0 or not self.waiting or seats <= 0 or budget <= 0:
-            return True  # nothing held back: either no policy or nothing could come in
-        decodes = sum(1 for _, n in entries if n == 1)
-        if decodes < len(entries) or decodes < policy.min_prompts:
-            return True  # a prefill runs anyway, or too few decodes to be worth protecting
-        ready = min(seats, len(self.waiting))
-        if ready >= policy.min_prompts:
-            return True
-        if sum(s.num_uncomputed for s in itertools.islice(self.waiting, ready)) >= budget:
-            return True  # they fill the step's token budget: waiting longer adds nothing
-        now = time.monotonic()
-        if self._hold_since is None:
-            self._hold_since, self._held = now, 0
-        if self._held >= policy.hold_steps or (
-                policy.hold_ms is not None and (now - self._hold_since) * 1e3 >= policy.hold_ms):
-            return True
-        self._held += 1
-        self.num_held_steps += 1
-        return False
 
     def _admit(self, entries: list[tuple[Sequence, int]], budget: int) -> int:
         slot_blocked = False
