@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -59,6 +60,17 @@ def main() -> None:
     from lora_cluster.engine.controller_core import ControllerCore
     from lora_cluster.engine.read_ahead import ReadAhead
 
+    gc_ms: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0}
+    gc_runs: dict[int, int] = {0: 0, 1: 0, 2: 0}
+    started: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            gc_ms[info["generation"]] += (time.perf_counter() - started[0]) * 1e3
+            gc_runs[info["generation"]] += 1
+
     preset = PRESETS["cpu-tiny"]
     assets = prepare_assets(preset, DEFAULT_CACHE, args.adapters)
     loop_prof, read_prof = cProfile.Profile(), cProfile.Profile()
@@ -71,6 +83,7 @@ def main() -> None:
         t = time.perf_counter()
         core.register_adapters(list(zip(names, map(str, assets.adapter_dirs), strict=True)))
         print(f"registered {args.adapters} in {time.perf_counter() - t:.1f} s")
+        gc.callbacks.append(on_gc)
         run = run_closed_loop(core, RequestStream(preset.workload(args.adapters, 0)), names,
                               clients=preset.clients, warmup_s=args.warmup,
                               duration_s=args.duration)
@@ -84,6 +97,7 @@ def main() -> None:
         print(json.dumps({"steps": steps, "ms_per_step": {k: delta(k) / max(steps, 1) / 1e3
                                                           for k in keys},
                           "tokens_per_s": delta("generated_tokens") / seconds,
+                          "gc_ms_by_generation (warm-up included)": gc_ms, "gc_runs": gc_runs,
                           "counters": {k: delta(k) for k in after if isinstance(after[k], int)
                                        and not isinstance(after[k], bool) and delta(k)},
                           "prefetch": after.get("prefetch"),

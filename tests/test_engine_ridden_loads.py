@@ -65,6 +65,28 @@ def _run(core: ControllerCore, names: list[str]) -> list[tuple[int, ...]]:
 
 
 # ==================================================================== units
+def test_inline_reads_run_only_when_asked_and_report_like_the_pool() -> None:
+    reads: list[str] = []
+
+    def read(path: str, name: str, version: int) -> str:
+        reads.append(name)
+        if name == "bad":
+            raise AdapterError(f"{path}: corrupt")
+        return name
+
+    ra: ReadAhead[str] = ReadAhead(read, capacity=3, workers=0)
+    assert ra.offer([ReadAheadHint(name=n, version=1, path=f"/src/{n}")
+                     for n in ("a", "bad", "b", "c")]) == 4
+    assert reads == []  # nothing runs until the command thread asks
+    assert ra.run_pending(2) == 2 and reads == ["bad", "b"]  # "a" was pushed out (capacity)
+    assert ra.take_ready() == (("b", 1),)
+    assert ra.take(("bad", 1)) == (None, "retried")
+    assert ra.take(("c", 1)) == (None, "none")  # not read yet: the load reads it itself
+    assert ra.take(("b", 1)) == ("b", "hit")
+    assert ra.run_pending(5) == 0 and ra.stats()["wasted"] == 1
+    ra.close()
+
+
 def test_reader_reports_only_finished_good_reads() -> None:
     def read(path: str, name: str, version: int) -> str:
         if name == "bad":
@@ -105,13 +127,9 @@ def test_a_ridden_load_files_the_read_or_reads_it(fixture_cache: Any, qwen3_moe_
         # "r0" read ahead (reported ready), "r1" never hinted: both ride, in order, before
         # the placements that follow them.
         hint = ReadAheadHint(name="r0", version=1, path=sources["r0"])
-        rt.execute(Step(seq=0, plan=StepPlan(seqs=()), read_ahead=(hint,)))
-        deadline = time.monotonic() + 10
-        ready: tuple[Any, ...] = ()
-        while not ready and time.monotonic() < deadline:
-            ready = rt.read_ahead.take_ready()
-            time.sleep(0.01)
-        assert ready == (("r0", 1),)
+        first = rt.execute(Step(seq=0, plan=StepPlan(seqs=()), read_ahead=(hint,)))
+        # A CPU rank reads inline, after the step's forward: reported by that very step.
+        assert rt.read_ahead.inline and first.read_ahead_ready == (("r0", 1),)
         ops = (LoadAdapter(seq=RIDES, name="r0", version=1, path=sources["r0"]),
                PlaceAdapter(seq=RIDES, name="r0", version=1, slot=0),
                LoadAdapter(seq=RIDES, name="r1", version=1, path=sources["r1"]),

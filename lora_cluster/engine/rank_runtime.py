@@ -62,6 +62,10 @@ CPU_KV_BASE_BYTES = 2 << 30
 # a step's admissions and leaves the cores to the forward.
 READ_AHEAD_WORKERS = 1
 READ_AHEAD_IDLE_WAIT_S = 0.05  # a read starts after this long even if no gap came
+# CPU ranks read ahead inline (read_ahead.py's inline mode): at most this many per step,
+# after its forward — a reader thread beside a Python-bound forward costs it more in GIL
+# hand-offs than the read itself.
+CPU_READS_PER_STEP = 2
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,7 +129,8 @@ class RankRuntime:
         self.plans = PlanCache(self.spec, max_lora_rank=config.max_lora_rank)
         self.read_ahead: ReadAhead[tuple[AdapterWeights, dict[str, float]]] = ReadAhead(
             self._read, capacity=read_ahead_depth(config.max_loras, config.max_cpu_loras),
-            workers=READ_AHEAD_WORKERS, idle_wait_s=READ_AHEAD_IDLE_WAIT_S,
+            workers=0 if self.device.type == "cpu" else READ_AHEAD_WORKERS,
+            idle_wait_s=READ_AHEAD_IDLE_WAIT_S,
             resident=lambda key: key in self.host_cache or key in self._staging)
         self._last_seq = -1
         self._closed = False
@@ -169,6 +174,8 @@ class RankRuntime:
             # Only this step's own adapters: a slot still being written elsewhere is not waited on.
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
             result = self.runner.run(command.plan, command.seq)
+            if self.read_ahead.inline:
+                self.read_ahead.run_pending(CPU_READS_PER_STEP)
             if isinstance(result, StepResult):  # only the output rank returns one
                 ready = self.read_ahead.take_ready()  # their loads may ride (step_ops.py)
                 if done or ready:
