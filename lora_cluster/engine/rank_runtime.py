@@ -11,12 +11,14 @@ memory after the weights and LoRA slots are allocated (CUDA), or on CPU of
 else, so it never claims a fraction of all RAM. Either way the cache is capped at what
 ``max_num_seqs`` sequences of full context could ever use.
 
-Read-ahead: a ``Step``'s hints start reading adapter versions into a side buffer
-(``engine/read_ahead.py``) on a reader thread, which starts a read only while this rank is
-between commands (or after ``READ_AHEAD_IDLE_WAIT_S`` of waiting for a gap): on a host whose
-steps are Python-bound, a read contending with the forward for the GIL would cost the step
-what it saved. A later ``LoadAdapter`` takes the entry instead of reading on the command path;
-the host cache itself changes only through the stream. The controller counts read-ahead versions in its host tier and drops a victim for
+Read-ahead: a ``Step``'s hints queue adapter versions for a side buffer
+(``engine/read_ahead.py``). On GPU a reader thread reads them, starting a read only while this
+rank is between commands (or after ``READ_AHEAD_IDLE_WAIT_S`` of waiting for a gap); on CPU,
+where the forward is Python-bound and a reader thread would cost it GIL hand-offs, the command
+thread reads up to ``CPU_READS_PER_STEP`` after each step's forward. A read also validates and
+plans the entry's slot copies; the output rank reports finished reads in its ``StepResult``
+(their loads may then ride on a step). A later ``LoadAdapter`` takes the entry instead of
+reading on the command path; the host cache itself changes only through the stream. The controller counts read-ahead versions in its host tier and drops a victim for
 each (the drop comes with its next command), so cache plus buffer stay within
 ``max_cpu_loras``; the buffer's own bound (``read_ahead_depth``) caps the overlap meanwhile.
 """
