@@ -87,51 +87,14 @@ def write_assets(root: Path, spec: TinyModelSpec, dtype: str, adapters: int,
     return model_dir, dirs, time.perf_counter() - start
 
 
-def rank_memory() -> Any:
-    """A function run inside each rank actor (pickled by value: ranks need not import this)."""
-    def probe(rank: Any) -> dict[str, Any]:
-        import ray
-        import torch
-
-        from lora_cluster.model.layers.lora_buffers import EmbeddingLoRA, ExpertLoRA, LinearLoRA
-
-        runtime = rank.runtime
-        lora_types = (LinearLoRA, EmbeddingLoRA, ExpertLoRA)
-        slot_bytes = base_bytes = 0
-        for module in runtime.model.modules():
-            own = sum(b.numel() * b.element_size()
-                      for b in module.buffers(recurse=False) if b is not None)
-            own += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-            if isinstance(module, lora_types):
-                slot_bytes += own
-            else:
-                base_bytes += own
-        host = sum(int(w.nbytes) for w in runtime.host_cache.values())
-        out = {"rank": rank.parallel.rank, "ep_rank": rank.parallel.ep_rank,
-               "gpus": [str(g) for g in ray.get_gpu_ids()],
-               "base_weight_bytes": base_bytes, "lora_slot_bytes": slot_bytes,
-               "adapter_host_cache_bytes": host, "adapter_bytes": slot_bytes + host,
-               "kv_cache_bytes": int(runtime.kv_cache.nbytes),
-               "adapters_in_host_cache": len(runtime.host_cache)}
-        if runtime.device.type == "cuda":
-            out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(runtime.device)
-            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(runtime.device)
-            out["cuda_reserved_bytes"] = torch.cuda.memory_reserved(runtime.device)
-        return out
-    return probe
-
-
-def on_ranks(cluster: Cluster, fn: Any) -> list[Any]:
-    """``fn(rank_actor_impl)`` on every rank, in rank order (through the controller)."""
-    def visit(controller: Any) -> list[Any]:
-        import ray
-
-        return ray.get([a.__ray_call__.remote(fn) for a in controller.core.group._actors],
-                       timeout=120)
-
-    import ray
-
-    return ray.get(cluster._controller.__ray_call__.remote(visit), timeout=240)
+def rank_memory(cluster: Cluster, tp_size: int) -> list[dict[str, Any]]:
+    """Each rank's memory by kind (``Cluster.rank_stats()``), with its ranks and device."""
+    out = []
+    for stats in cluster.rank_stats():
+        rank = int(stats["rank"])
+        out.append({"rank": rank, "ep_rank": rank // tp_size, "device": stats["device"],
+                    **stats["memory"]})
+    return out
 
 
 def timed_generate(cluster: Cluster, prompts: list[list[int]], names: list[str],
@@ -171,7 +134,7 @@ def measure(cfg: ClusterConfig, adapter_dirs: list[Path], args: argparse.Namespa
             pairs.append((long_s - short_s, short_s, long_s, counters))
         decode_s, short_s, long_s, counters = min(pairs, key=lambda p: p[0])
         decode_tokens = args.batch * (args.long - args.short)
-        memory = on_ranks(cluster, rank_memory())
+        memory = rank_memory(cluster, cfg.tp_size)
         steps = max(1, counters["steps"])
         return {
             "ep": cfg.ep_size, "tp": cfg.tp_size, "world_size": cfg.world_size,

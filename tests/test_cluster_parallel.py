@@ -62,6 +62,13 @@ def test_layout_matches_single_rank_and_oracle(ray_session: Any, assets: Any, tp
         assert (logits - ref).norm() / ref.norm() < 1e-4
         per_rank = {i.name: i.bytes_per_rank for i in cluster.list_adapters()}
         assert all(len(b) == tp * ep for b in per_rank.values())
+        ranks = cluster.rank_stats()
+        assert [r["rank"] for r in ranks] == list(range(tp * ep))
+        for r, stats in enumerate(ranks):
+            memory = stats["memory"]
+            assert memory["base_weight_bytes"] > 0 and memory["lora_slot_bytes"] > 0
+            assert memory["adapters_in_host_cache"] == len(ADAPTERS)
+            assert memory["adapter_host_cache_bytes"] == sum(b[r] for b in per_rank.values())
 
 
 def test_killed_rank_mid_batch_is_rebuilt_and_requests_finish(ray_session: Any,

@@ -88,6 +88,9 @@ class ControllerActorImpl:
     def stats(self) -> dict[str, Any]:
         return self._core().stats()
 
+    def rank_stats(self) -> list[dict[str, Any]]:
+        return self._core().group.stats()
+
     def check_health(self) -> dict[str, Any]:
         core = self._core()
         core.check_health()

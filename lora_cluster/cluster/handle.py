@@ -161,6 +161,11 @@ class Cluster:
     def stats(self) -> dict[str, Any]:
         return self._call("stats")
 
+    def rank_stats(self) -> list[dict[str, Any]]:
+        """Each rank's own view, in rank order: slots, host cache, activation, and ``memory``
+        (base weights, LoRA slots, adapter host cache, KV cache; CUDA allocator on GPU)."""
+        return self._call("rank_stats", timeout=60)
+
     def health(self) -> dict[str, Any]:
         return self._call("check_health")
 

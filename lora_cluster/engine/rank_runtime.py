@@ -49,6 +49,7 @@ from lora_cluster.engine.messages import (
     StepResult,
     UpdateAdapter,
 )
+from lora_cluster.engine.rank_memory import memory_stats, weight_bytes
 from lora_cluster.engine.read_ahead import ReadAhead, read_ahead_depth
 from lora_cluster.engine.runner import StepRunner
 from lora_cluster.engine.slot_activation import SlotActivator, slot_ready
@@ -105,6 +106,7 @@ class RankRuntime:
                                 device=self.device, max_loras=config.max_loras,
                                 max_lora_rank=config.max_lora_rank)
         self.model_load_ms = (time.perf_counter() - start) * 1e3
+        self.weight_bytes = weight_bytes(self.model)  # slot buffers never resize: once
         self.context_limit = context_limit_for(config, self.spec)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache.for_model(self.spec, parallel, num_blocks=self.num_kv_blocks,
@@ -371,6 +373,11 @@ class RankRuntime:
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             **self.runner.stats(),
             "steps": self.steps,
+            "memory": memory_stats(
+                self.weight_bytes,
+                (self.load_stats[k].nbytes if k in self.load_stats else w.nbytes
+                 for k, w in self.host_cache.items()),
+                int(self.kv_cache.nbytes), self.device),
         }
 
     def close(self) -> None:
