@@ -1,7 +1,8 @@
 """Asynchronous steps: the step loop keeps one step in flight while it plans the next.
 
-A mixin of ``ControllerCore`` (which provides the state and ``_plan`` / ``_apply`` /
-``_recover``). One run of steps, holding ``_exec`` throughout::
+The base of ``ControllerCore``'s step loop (``engine/controller_steps.py`` provides
+``_plan`` / ``_apply``, ``engine/controller_recovery.py`` ``_recover``). One run of steps,
+holding ``_exec`` throughout::
 
     plan k+1 → submit k+1 → collect k → apply k → plan k+2 → submit k+2 → collect k+1 → ...
 
@@ -60,13 +61,16 @@ class AsyncStepper:
     _exec_wanted: int
     _closed: bool
 
-    def _plan(self) -> Planned | None: ...  # provided by ControllerCore
+    # Declared for the type checker only: a runtime stub here would shadow the real method
+    # of a mixin that comes after this class in ``ControllerCore``'s MRO.
+    if TYPE_CHECKING:  # provided by ControllerCore's StepLoop and RankRecovery
+        def _plan(self) -> Planned | None: ...
 
-    def _apply(self, planned: Planned, result: StepResult, *, execute_s: float,
-               since: float) -> None: ...
+        def _apply(self, planned: Planned, result: StepResult, *, execute_s: float,
+                   since: float) -> None: ...
 
-    def _recover(self, planned: Planned, err: ClusterError,
-                 abandoned: Sequence[Planned] = ()) -> None: ...
+        def _recover(self, planned: Planned, err: ClusterError,
+                     abandoned: Sequence[Planned] = ()) -> None: ...
 
     def _run_async(self) -> bool:
         """Run steps back to back, one in flight; False when none could be scheduled."""
