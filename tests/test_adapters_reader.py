@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_cluster import errors
+from lora_cluster.adapters import reader as reader_module
 from lora_cluster.adapters.header import read_bin_table, read_safetensors_table
 from lora_cluster.adapters.reader import TensorReader
 
@@ -40,8 +41,10 @@ SELECTIONS = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_slices_match_torch_indexing(fmt: str, tensors, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["safetensors", "safetensors-mapped", "bin"])
+def test_slices_match_torch_indexing(fmt: str, tensors, tmp_path: Path, monkeypatch) -> None:
+    if fmt == "safetensors-mapped":  # a file above the whole-read size: memory-mapped
+        monkeypatch.setattr(reader_module, "SMALL_FILE_BYTES", 0)
     if fmt == "bin":
         torch.save(tensors, tmp_path / "a.bin")
         table = read_bin_table(tmp_path / "a.bin")
@@ -66,6 +69,28 @@ def test_slices_match_torch_indexing(fmt: str, tensors, tmp_path: Path) -> None:
                 assert reader.bytes_read - before == want.numel() * want.element_size()
             one = reader.read(pos[names[1]], rows=(1, 3), cols=(2, 4))
             assert torch.equal(one, tensors[names[1]][1:3, 2:4])
+            # One tensor whole, or whole rows of it: a view of the read buffer (small file)
+            assert torch.equal(reader.read(pos[names[2]]), tensors[names[2]])
+            assert torch.equal(reader.read(pos[names[2]], rows=(2, 5)), tensors[names[2]][2:5])
+    # Tensors read from the whole-file buffer outlive the reader, and are independent.
+    with TensorReader(table) as reader:
+        kept = [reader.read(pos[f"{dt}.e1"]) for dt in DTYPES]
+    for dt, t in zip(DTYPES, kept):
+        assert torch.equal(t, tensors[f"{dt}.e1"])
+    kept[0].zero_()
+    assert torch.equal(kept[1], tensors[f"{DTYPES[1]}.e1"])
+
+
+def test_whole_read_of_a_file_truncated_after_its_header_was_parsed(tensors, tmp_path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file(tensors, str(path))
+    table = read_safetensors_table(path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(errors.AdapterFormatError, match="truncated"):
+        TensorReader(table)
+    path.unlink()
+    with pytest.raises(errors.AdapterNotFoundError, match="not found"):
+        TensorReader(table)
 
 
 def _header_file(tmp_path: Path, header: dict, data: int = 64) -> Path:

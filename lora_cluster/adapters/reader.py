@@ -3,13 +3,17 @@
 The safetensors file is memory-mapped and read with the offsets of the header we already
 parsed (``header.TensorTable``): a read copies exactly the requested rows/columns — this
 rank's TP slice, its local experts — into a new tensor, and the OS pages in only what is
-touched. Many same-shape tensors (per-expert "2D" LoRA: thousands of tiny tensors) are read
+touched. A small file (tensor data ending within ``SMALL_FILE_BYTES``) is instead read whole
+with one ``readinto``: mapping it, faulting its few pages in one by one and unmapping cost
+more than copying all of it from the page cache (cpu-tiny's 50 kB adapters: ~0.7 → ~0.1 ms a
+read), and a whole tensor is then a view of that private buffer, not another copy. Many same-shape tensors (per-expert "2D" LoRA: thousands of tiny tensors) are read
 as one stack by a single numpy gather of byte ranges, instead of one tensor object per
 expert. (``safe_open``/``get_slice`` would re-parse the header — ~170 ms for 82k entries on
 the CI box — and build one torch tensor per name, ~20 µs each; see benchmarks/adapter_load.py.)
 ``.bin`` files come mmap'd from ``torch.load`` and are sliced with torch indexing.
 
-Ranges are [start, stop); ``None`` means the whole dimension.
+Ranges are [start, stop); ``None`` means the whole dimension. ``bytes_read`` counts the
+bytes the returned tensors hold (a rank's share), whichever way the file was read.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import numpy as np
 import torch
 
 from lora_cluster.adapters.header import DTYPES, TensorTable
+from lora_cluster.errors import AdapterFormatError, AdapterNotFoundError
 
 Range = tuple[int, int]
+
+SMALL_FILE_BYTES = 256 << 10  # read whole below this (a memcpy of it is a few µs)
 
 
 def _runs(index: np.ndarray) -> tuple[np.ndarray, int] | None:
@@ -52,7 +59,13 @@ class TensorReader:
         self.tensors_read = 0
         self._buf: np.ndarray | None = None
         self._mm: mmap.mmap | None = None
+        self._owned = False  # ``_buf`` is this reader's own copy (views of it may be kept)
         if table.tensors is None:
+            end = table.data_start + (int(table.end.max()) if table.end.size else 0)
+            if end <= SMALL_FILE_BYTES:
+                self._buf = _read_head(table.path, end)
+                self._owned = True
+                return
             mapped = np.memmap(table.path, dtype=np.uint8, mode="r")
             self._mm = getattr(mapped, "_mmap", None)
             if self._mm is not None and hasattr(mmap, "MADV_RANDOM"):
@@ -85,13 +98,18 @@ class TensorReader:
         return int(shape[0]), int(shape[1]), dtype, size, self.table.data_start + int(
             self.table.begin[pos])
 
-    def _gather(self, starts: np.ndarray, nbytes: int) -> np.ndarray:
-        """[len(starts), nbytes] uint8: the byte run at each start (one numpy gather)."""
+    def _gather(self, starts: np.ndarray, nbytes: int, align: int = 1) -> np.ndarray:
+        """[len(starts), nbytes] uint8: the byte run at each start (one numpy gather). One run
+        of an owned buffer starting on an ``align`` multiple comes back as a view of it."""
         assert self._buf is not None
         self.bytes_read += int(starts.size) * nbytes
         if starts.size == 1:
             s = int(starts.reshape(-1)[0])
-            return np.array(self._buf[s: s + nbytes]).reshape(1, nbytes)
+            run = self._buf[s: s + nbytes]
+            # A view only where ``view(dtype)`` accepts its offset; a map's bytes are copied
+            # (the map closes with the reader).
+            keep = self._owned and s % align == 0
+            return (run if keep else np.array(run)).reshape(1, nbytes)
         windows = np.lib.stride_tricks.as_strided(
             self._buf, shape=(self._buf.shape[0] - nbytes + 1, nbytes), strides=(1, 1))
         return windows[starts.reshape(-1)]
@@ -107,7 +125,7 @@ class TensorReader:
             # One whole tensor (a TP-unsharded linear): one byte run, no index arrays.
             first = self.table.data_start + int(self.table.begin[int(pos[0])])
             self.tensors_read += 1
-            whole = self._gather(np.asarray([first]), n_rows * n_cols * size)
+            whole = self._gather(np.asarray([first]), n_rows * n_cols * size, size)
             return torch.from_numpy(whole).view(dtype).reshape(1, n_rows, n_cols)
         # Callers stack tensors of one plan-verified shape; sizes and dtypes are re-checked here
         # in bulk because a stack must never mix them.
@@ -123,7 +141,7 @@ class TensorReader:
         self.tensors_read += int(pos.size)
         if full_rows:  # whole rows, consecutive: one byte run per tensor
             start = begins + int(row_idx[0]) * n_cols * size
-            raw = self._gather(start, row_idx.size * n_cols * size)
+            raw = self._gather(start, row_idx.size * n_cols * size, size)
         elif run is not None:  # column runs: one byte run per (tensor, row, run)
             start = begins[:, None, None] + (row_idx[None, :, None] * n_cols
                                              + run[0][None, None, :]) * size
@@ -153,6 +171,27 @@ class TensorReader:
             parts.append(part)
         self.tensors_read += len(parts)
         return torch.stack(parts)
+
+
+def _read_head(path: str, nbytes: int) -> np.ndarray:
+    """The first ``nbytes`` of ``path`` in a new uint8 array (one read; typed error if short)."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf))
+            while got is not None and 0 < got < nbytes:  # a short read of a regular file is rare
+                more = f.readinto(memoryview(buf)[got:])
+                if not more:
+                    break
+                got += more
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"{path}: adapter weights not found", file=path) from None
+    except OSError as exc:
+        raise AdapterFormatError(f"{path}: unreadable ({exc})", file=path) from exc
+    if got != nbytes:
+        raise AdapterFormatError(f"{path}: truncated: the header's tensors end at byte {nbytes}, "
+                                 f"the file has {got or 0}", file=path)
+    return buf
 
 
 def _whole(sel: Range | np.ndarray | None, full: int) -> bool:
