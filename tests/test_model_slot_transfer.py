@@ -174,3 +174,44 @@ def test_planned_write_on_the_model_device(fixture_cache, device):
     assert table.transfer.staged == (device == "cuda")
     for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
         assert torch.equal(want, got)
+
+
+def _same_plan(x, y) -> bool:
+    def geo(t):
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    return (x.dst_keys == y.dst_keys and x.src_offsets == y.src_offsets
+            and x.zero_dense == y.zero_dense and x.zero_strided == y.zero_strided
+            and x.groups == y.groups and x.staging_bytes == y.staging_bytes
+            and [geo(t) for t in x.srcs] == [geo(t) for t in y.srcs]
+            and [(r.lo, r.mid, r.hi, [(geo(h), at) for h, at in r.spans]) for r in x.rounds]
+            == [(r.lo, r.mid, r.hi, [(geo(h), at) for h, at in r.spans]) for r in y.rounds])
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_entries_of_one_structure_replay_the_plan_of_the_first(fixture_cache, staged):
+    """A second entry of the same recipe (other weights, same packing) replays the first's
+    plan on its own pages: the very plan a fresh table builds, and the same slot bytes."""
+    model_dir = fixture_cache.model("qwen3_moe_dense_layers")
+    model = load_model(model_dir, max_loras=2, max_lora_rank=R)
+    table = model.slot_table
+    assert table is not None
+    if staged:
+        table.transfer = SlotTransfer(torch.device("cpu"), staged=True, staging_bytes=8 << 10)
+    kw = ADAPTERS["ragged"]
+    raws = [shard_adapter(build_adapter(model_dir, **{**kw, "seed": seed}).modules, model.spec,
+                          ParallelInfo(), name=f"r{seed}") for seed in (4, 9)]
+    first, second = (entry(w, torch.float32, page_bytes=16 << 10) for w in raws)
+    model.set_lora_slot(1, first)
+    assert len(table._templates) == 1
+    planned = []
+    real = table._plan
+    table._plan = lambda *a: planned.append(1) or real(*a)  # type: ignore[method-assign]
+    model.set_lora_slot(1, second)
+    assert planned == []  # replayed, not planned
+    replayed = table._plans[id(second)]
+    table._templates.clear()
+    fresh = real(table._check(second), replayed.fingerprint)
+    assert _same_plan(replayed, fresh)
+    model.set_lora_slot(0, raws[1])  # per-module writers
+    for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
+        assert torch.equal(want, got)

@@ -256,6 +256,28 @@ def _scatter(t: torch.Tensor, local: np.ndarray, n_local: int) -> torch.Tensor:
     return full
 
 
+# build_load_spec per (spec object, parallel): a pure function of both, ~0.1 ms of Python a
+# load, and a rank asks for the same one every time. The spec is held so its id stays its own.
+_LOAD_SPECS: dict[tuple[int, ParallelInfo], tuple[ModelSpec, LoadSpec]] = {}
+_LOAD_SPECS_KEPT = 16
+
+
+def _load_spec(spec: ModelSpec, parallel: ParallelInfo) -> LoadSpec:
+    key = (id(spec), parallel)
+    try:
+        hit = _LOAD_SPECS.get(key)
+    except TypeError:  # an unhashable placement: build it every time
+        return build_load_spec(spec, parallel)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    load = build_load_spec(spec, parallel)
+    load.local_of.setflags(write=False)  # shared by every load from now on
+    if len(_LOAD_SPECS) >= _LOAD_SPECS_KEPT:
+        _LOAD_SPECS.clear()
+    _LOAD_SPECS[key] = (spec, load)
+    return load
+
+
 def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -278,7 +300,7 @@ def load_adapter(adapter_dir: str | Path, spec: ModelSpec, parallel: ParallelInf
     """
     stats = LoadStats()
     cast = _torch_dtype(dtype)
-    load = build_load_spec(spec, parallel)
+    load = _load_spec(spec, parallel)
     if plans is not None:
         plan = plans.inspect(adapter_dir, subfolder=subfolder or name, stats=stats)
     else:

@@ -26,7 +26,15 @@ import torch
 
 from lora_cluster.errors import AdapterRankError, AdapterShapeError, UnsupportedAdapterError
 from lora_cluster.model.slot_host import GATE, UP
-from lora_cluster.model.slot_transfer import DstKey, PlannedWrite, Segment, SlotTransfer
+from lora_cluster.model.slot_transfer import (
+    DstKey,
+    PlannedWrite,
+    PlanTemplate,
+    Segment,
+    SlotTransfer,
+    plan_template,
+    replay,
+)
 from lora_cluster.model.step_context import KIND_GROUP
 
 ModuleKey = tuple[int | None, str]
@@ -90,6 +98,9 @@ class LoRASlotTable:
         self._zero_lists: dict[frozenset[tuple[ModuleKey, int]],
                                tuple[list[DstKey], list[DstKey]]] = {}
         self._dtype: torch.dtype | None = None
+        # Plans by entry structure (``_structure``): a host cache of one recipe's adapters
+        # plans once, then each new entry replays the plan on its own pages.
+        self._templates: dict[tuple[Any, ...], PlanTemplate | None] = {}
 
     @property
     def transfer(self) -> SlotTransfer:
@@ -173,7 +184,15 @@ class LoRASlotTable:
         checked = self._check(weights)
         if not self._slot_ready(checked):
             return None, checked
-        planned = self._plan(checked, fingerprint)
+        structure, bases, storages = _structure(checked)
+        template = self._templates.get(structure)
+        if template is not None:
+            planned = replay(template, fingerprint, bases)
+        else:
+            planned = self._plan(checked, fingerprint)
+            if len(self._templates) >= _TEMPLATES_KEPT:
+                self._templates.clear()
+            self._templates[structure] = plan_template(planned, storages)
         self._remember(weights, planned)
         return planned, checked
 
@@ -282,6 +301,32 @@ class LoRASlotTable:
                     assert view is not None, k  # plans name only pairs that resolved
                     cache[k] = view
             return [cache[k] for k in keys]
+
+
+_TEMPLATES_KEPT = 64  # distinct entry structures whose plans are kept
+
+
+def _structure(checked: list[Checked]
+               ) -> tuple[tuple[Any, ...], list[torch.Tensor], dict[int, int]]:
+    """What a slot-ready entry's plan is a function of (besides the table): each module's key
+    and its a/b geometry — size, stride, offset — in the entry's storages, numbered in order
+    of first use; plus one tensor of each storage (``bases``) and data_ptr → number. Planning
+    reads storages only through these (which tensors share one, and where in it they lie)."""
+    storages: dict[int, int] = {}
+    bases: list[torch.Tensor] = []
+    parts: list[Any] = []
+    for key, _, t in checked:
+        parts.append(key)
+        for x in (t.a, t.b):
+            ptr = x.untyped_storage().data_ptr()
+            index = storages.get(ptr)
+            if index is None:
+                index = storages[ptr] = len(bases)
+                bases.append(x)
+            parts.append((index, x.shape, x.stride(), x.storage_offset()))
+    dtype = bases[0].dtype if bases else None
+    device = bases[0].device if bases else None
+    return (dtype, device, *parts), bases, storages
 
 
 def _rank(t: SlotTensors) -> int:

@@ -151,6 +151,53 @@ def plan_write(fingerprint: tuple[Any, ...], groups: frozenset[str], segments: l
                         zero_dense, zero_strided, rounds, need)
 
 
+@dataclass(frozen=True)
+class PlanTemplate:
+    """A plan with its host tensors as geometry on the entry's storages (by index), so an
+    entry of the same structure — same modules, shapes, strides and offsets in storages laid
+    out alike (the host cache packs every adapter of one recipe identically) — gets the same
+    plan without building it again (``PlannedWrite.replayed``)."""
+
+    plan: PlannedWrite  # fields shared by every replay (srcs/rounds are rebuilt)
+    srcs: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...]  # storage, size, stride, offset
+    spans: tuple[tuple[tuple[int, int, int, int], ...], ...]  # per round: (storage, lo, hi, at)
+
+
+def plan_template(plan: PlannedWrite, storages: dict[int, int]) -> PlanTemplate | None:
+    """``plan`` as a template; ``storages`` maps a storage's data_ptr to its index in the
+    entry. None when a host tensor lies outside those storages."""
+    try:
+        srcs = tuple((storages[t.untyped_storage().data_ptr()], tuple(t.shape), t.stride(),
+                      int(t.storage_offset())) for t in plan.srcs)
+        spans = tuple(tuple((storages[host.untyped_storage().data_ptr()],
+                             int(host.storage_offset()), int(host.storage_offset()) + host.numel(),
+                             at) for host, at in rnd.spans) for rnd in plan.rounds)
+    except KeyError:
+        return None
+    return PlanTemplate(plan, srcs, spans)
+
+
+def replay(template: PlanTemplate, fingerprint: tuple[Any, ...],
+           bases: list[torch.Tensor]) -> PlannedWrite:
+    """The plan ``template`` stands for, on an entry whose storages hold ``bases`` (one tensor
+    of each, by index, in the template's dtype)."""
+    srcs = [bases[i].as_strided(size, stride, offset) for i, size, stride, offset in template.srcs]
+    raw: dict[int, torch.Tensor] = {}
+    rounds = []
+    for rnd, spans in zip(template.plan.rounds, template.spans):
+        views = []
+        for i, lo, hi, at in spans:
+            storage = raw.get(i)
+            if storage is None:
+                storage = raw[i] = torch.empty(0, dtype=torch.uint8, device=bases[i].device)
+                storage.set_(bases[i].untyped_storage())
+            views.append((storage[lo:hi], at))
+        rounds.append(Round(tuple(views), rnd.lo, rnd.mid, rnd.hi))
+    p = template.plan
+    return PlannedWrite(fingerprint, p.groups, p.dst_keys, srcs, p.src_offsets, p.zero_dense,
+                        p.zero_strided, rounds, p.staging_bytes)
+
+
 class SlotTransfer:
     """Runs planned writes on ``device``: through a reused staging buffer when ``staged``
     (default: on CUDA), else straight from the host views."""
