@@ -107,8 +107,16 @@ def main() -> None:
     if not args.no_profile:
         print("==== step loop thread (ControllerCore._step, rank included: in process)")
         print(_top(loop_prof, args.top))
-        print("==== rank reader thread (ReadAhead._run)")
-        print(_top(read_prof, args.top // 2))
+        if read_prof.getstats():
+            print("==== rank reader thread (ReadAhead._run)")
+            print(_top(read_prof, args.top // 2))
+        else:  # CPU ranks read inline, inside the step: its read and placement functions
+            print("==== inline reads and slot writes (within the step loop above)")
+            out = io.StringIO()
+            pstats.Stats(loop_prof, stream=out).sort_stats("cumulative").print_stats(
+                r"\((_read|_load|_place|load_adapter|inspect|slot_ready|pack_slot_ready|prepare|"
+                r"activate|_planned|_plan|replay|run)\)$")
+            print(out.getvalue())
 
 
 if __name__ == "__main__":

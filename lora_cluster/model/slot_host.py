@@ -38,9 +38,16 @@ class _Block:
     fill: Callable[[torch.Tensor], dict[ModuleKey, Pair]]  # flat view → views of its modules
 
 
-def _folded(b: torch.Tensor, scaling: float) -> torch.Tensor:
-    # Fold in float32 before the cast so low-precision models lose nothing extra.
-    return b if scaling == 1.0 else b.to(torch.float32) * scaling
+def _fold_into(dst: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``dst`` ← ``b`` · ``scaling``, folded in float32 before the cast so low-precision
+    models lose nothing extra; float32 to float32 multiplies straight into ``dst`` (the same
+    elementwise product, without a temporary)."""
+    if scaling == 1.0:
+        dst.copy_(b)
+    elif b.dtype == torch.float32 and dst.dtype == torch.float32:
+        torch.mul(b, scaling, out=dst)
+    else:
+        dst.copy_(b.to(torch.float32) * scaling)
 
 
 def _plain(key: ModuleKey, a: torch.Tensor, b: torch.Tensor, scaling: float) -> _Block:
@@ -54,7 +61,7 @@ def _plain(key: ModuleKey, a: torch.Tensor, b: torch.Tensor, scaling: float) -> 
             a_view = flat[:na].view(a.shape)
         a_view.copy_(a)
         b_view = flat[na:].view(b.shape)
-        b_view.copy_(_folded(b, scaling))
+        _fold_into(b_view, b, scaling)
         return {key: (a_view, b_view)}
     return _Block(na + b.numel(), fill)
 
@@ -72,8 +79,8 @@ def _gate_up(gate_key: ModuleKey, gate: tuple[torch.Tensor, torch.Tensor, float]
         pair = flat[n_ga + n_ua:].view(e, 2, i, r)
         ga_view.copy_(ga)
         ua_view.copy_(ua)
-        pair[:, 0].copy_(_folded(gb, gs))
-        pair[:, 1].copy_(_folded(ub, us))
+        _fold_into(pair[:, 0], gb, gs)
+        _fold_into(pair[:, 1], ub, us)
         return {gate_key: (ga_view, pair[:, 0]), up_key: (ua_view, pair[:, 1])}
     return _Block(n_ga + n_ua + 2 * gb.numel(), fill)
 
