@@ -178,9 +178,9 @@ def _read_head(path: str, nbytes: int) -> np.ndarray:
     buf = np.empty(nbytes, dtype=np.uint8)
     try:
         with open(path, "rb", buffering=0) as f:
-            got = f.readinto(memoryview(buf))
+            got = f.readinto(buf.data)
             while got is not None and 0 < got < nbytes:  # a short read of a regular file is rare
-                more = f.readinto(memoryview(buf)[got:])
+                more = f.readinto(buf.data[got:])
                 if not more:
                     break
                 got += more
