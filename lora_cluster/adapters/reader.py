@@ -156,6 +156,15 @@ class TensorReader:
     def read(self, pos: int, rows: Range | np.ndarray | None = None,
              cols: Range | np.ndarray | None = None) -> torch.Tensor:
         """One 2-D tensor's [rows, cols] slice."""
+        if self._owned:  # the common case of a small file: a whole tensor, a view
+            n_rows, n_cols, dtype, size, first = self._geometry(pos)
+            if first % size == 0 and _whole(rows, n_rows) and _whole(cols, n_cols):
+                nbytes = n_rows * n_cols * size
+                self.tensors_read += 1
+                self.bytes_read += nbytes
+                assert self._buf is not None
+                run = torch.from_numpy(self._buf[first: first + nbytes])
+                return run.view(dtype).view(n_rows, n_cols)
         return self.read_stack([pos], rows, cols)[0]
 
     def _bin_stack(self, pos: np.ndarray, rows: Range | np.ndarray | None,
