@@ -196,6 +196,8 @@ class StepLoop(AsyncStepper):
             self._counters["step_plan_us"] += int((planned.t1 - planned.t0) * 1e6)
             self._counters["step_execute_us"] += int(execute_s * 1e6)
             self._counters["step_rank_us"] += int(result.forward_ms * 1e3)
+            self._counters["step_rank_launch_us"] += int(result.launch_ms * 1e3)
+            self._counters["step_rank_ops_us"] += int(result.ops_ms * 1e3)
             self._counters["step_total_us"] += int((time.perf_counter() - since) * 1e6)
             if any(len(s.token_ids) > 1 for s in step.plan.seqs):
                 self._counters["steps_with_prefill"] += 1

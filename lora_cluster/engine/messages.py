@@ -260,6 +260,11 @@ class StepResult:
     tokens: tuple[tuple[int, int], ...] = ()
     logits: tuple[tuple[int, Any], ...] = ()
     forward_ms: float = 0.0
+    # Of forward_ms, the host time until every forward of the step was issued (inputs built,
+    # graphs replayed or eager kernels launched); the rest is sampling and the wait for the
+    # device. ops_ms: the step's ridden adapter ops and the wait for their slots, before it.
+    launch_ms: float = 0.0
+    ops_ms: float = 0.0
     # One entry per ``Step.adapter_ops`` (the output rank's PlaceResult or LoadResult, None
     # for a drop).
     adapter_results: tuple[PlaceResult | LoadResult | None, ...] = ()

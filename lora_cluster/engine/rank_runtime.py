@@ -171,20 +171,21 @@ class RankRuntime:
     def _dispatch(self, command: AnyCommand) -> StepResult | LoadResult | PlaceResult | None:
         if isinstance(command, Step):
             self.steps += 1
+            t0 = time.perf_counter()
             # Placements and drops planned with this step, before it (see engine/step_ops.py).
             done = self._apply_ops(command) if command.adapter_ops else ()
             if command.read_ahead:
                 self.read_ahead.offer(command.read_ahead)
             # Only this step's own adapters: a slot still being written elsewhere is not waited on.
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
+            ops_ms = (time.perf_counter() - t0) * 1e3
             result = self.runner.run(command.plan, command.seq)
             if self.read_ahead.inline:
                 self.read_ahead.run_pending(CPU_READS_PER_STEP)
             if isinstance(result, StepResult):  # only the output rank returns one
                 ready = self.read_ahead.take_ready()  # their loads may ride (step_ops.py)
-                if done or ready:
-                    result = dataclasses.replace(result, adapter_results=done,
-                                                 read_ahead_ready=ready)
+                result = dataclasses.replace(result, adapter_results=done,
+                                             read_ahead_ready=ready, ops_ms=ops_ms)
             return result
         if isinstance(command, LoadAdapter):
             return self._load(command)

@@ -204,7 +204,8 @@ class StepRunner:
             if plan.share_tokens:
                 self.outputs.learn_tokens(seqs, None)
             return None
-        return self.outputs.postprocess(seqs, parts, spans, seq, start, plan.share_tokens)
+        return self.outputs.postprocess(seqs, parts, spans, seq, start, plan.share_tokens,
+                                        launched=time.perf_counter())
 
     def _run_decode(self, seqs: Sequence[SeqStep], index: Sequence[int], spans: list[Span],
                     part: int) -> torch.Tensor:

@@ -81,11 +81,12 @@ class StepOutputs:
 
     def postprocess(self, seqs: Sequence[SeqStep], parts: list[torch.Tensor],
                     spans: list[Span], seq: int, start: float,
-                    share_tokens: bool = False) -> StepResult:
+                    share_tokens: bool = False, launched: float | None = None) -> StepResult:
         """The output rank's result of a step: sampled tokens and emitted scoring logits.
 
         ``parts`` are the step's logits tensors ([rows, V] each), ``spans[i]`` where
-        ``seqs[i]``'s rows are in them; ``start`` the step's ``perf_counter`` start.
+        ``seqs[i]``'s rows are in them; ``start`` the step's ``perf_counter`` start,
+        ``launched`` when its forwards were issued.
         """
         sampled = [i for i, s in enumerate(seqs) if s.sample is not None]
         tokens: tuple[tuple[int, int], ...] = ()
@@ -124,4 +125,5 @@ class StepOutputs:
                 del self._held_logits[s.seq_id]
                 emitted.append((s.seq_id, held[0] if len(held) == 1 else torch.cat(held)))
         return StepResult(seq=seq, tokens=tokens, logits=tuple(emitted),
-                          forward_ms=(time.perf_counter() - start) * 1e3)
+                          forward_ms=(time.perf_counter() - start) * 1e3,
+                          launch_ms=((launched or start) - start) * 1e3)
