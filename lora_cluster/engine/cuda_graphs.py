@@ -34,15 +34,57 @@ class PackedInputs:
         # never waits on the device otherwise and could overwrite it early.
         self._copied: torch.cuda.Event | None = None
 
-    def upload(self, host: torch.Tensor) -> None:
-        """Copy ``host`` (int64, ≤ size) into the front of ``packed`` (asynchronously)."""
-        size = host.numel()
+    def staging(self) -> torch.Tensor:
+        """The host staging buffer, once the previous copy has left it (write, then ``send``)."""
         if self._copied is not None:
             self._copied.synchronize()
-        self._staging[:size].copy_(host)
+        return self._staging
+
+    def send(self, size: int) -> None:
+        """Copy the staging buffer's first ``size`` values to ``packed`` (asynchronously)."""
         self.packed[:size].copy_(self._staging[:size], non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
+
+    def upload(self, host: torch.Tensor) -> None:
+        """Copy ``host`` (int64, ≤ size) into the front of ``packed`` (asynchronously)."""
+        size = host.numel()
+        self.staging()[:size].copy_(host)
+        self.send(size)
+
+
+def pack_decode(seqs: Sequence[SeqStep], tables: Sequence[list[int]], block_size: int,
+                bucket: int, width: int, out: torch.Tensor) -> int:
+    """Write bucket ``bucket``'s packed decode inputs (layout above) into the front of ``out``
+    (host int64) and return their length; rows past ``len(seqs)`` are padding.
+
+    Host cost scales with the live blocks, not with ``width``: the table grid is cleared with
+    one fill and only its first ``longest table`` columns come from Python lists.
+    """
+    n, pad = len(seqs), bucket - len(seqs)
+    if pad < 0:
+        raise ValueError(f"{n} decodes do not fit bucket {bucket}")
+    bs = block_size
+    head = ([s.token_ids[0] for s in seqs] + [0] * pad
+            + [s.start_pos for s in seqs] + [0] * pad
+            + [s.slot for s in seqs] + [-1] * pad
+            + [s.context_len for s in seqs] + [1] * pad
+            + [t[s.start_pos // bs] * bs + s.start_pos % bs for s, t in zip(seqs, tables)]
+            + [-1] * pad)
+    out[:5 * bucket] = torch.tensor(head, dtype=torch.int64)
+    size = 5 * bucket + bucket * width
+    grid = out[5 * bucket:size].view(bucket, width)
+    grid.zero_()
+    longest = max((len(t) for t in tables), default=0)
+    if longest > width:
+        raise ValueError(f"a block table of {longest} blocks exceeds the width {width}")
+    if longest:
+        flat: list[int] = []
+        for t in tables:
+            flat.extend(t)
+            flat.extend([0] * (longest - len(t)))
+        grid[:n, :longest] = torch.tensor(flat, dtype=torch.int64).view(n, longest)
+    return size
 
 
 def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -122,20 +164,8 @@ class DecodeGraphs:
         the graph's output: consume before the next replay)."""
         n = len(seqs)
         b = next(size for size in self.buckets if size >= n)
-        pad = b - n
-        ids = [s.token_ids[0] for s in seqs] + [0] * pad
-        pos = [s.start_pos for s in seqs] + [0] * pad
-        slots = [s.slot for s in seqs] + [-1] * pad
-        ctx = [s.context_len for s in seqs] + [1] * pad
-        kv = [t[s.start_pos // block_size] * block_size + s.start_pos % block_size
-              for s, t in zip(seqs, tables)] + [-1] * pad
-        flat: list[int] = []
-        for t in tables:
-            flat.extend(t)
-            flat.extend([0] * (self.width - len(t)))
-        flat.extend([0] * (pad * self.width))
-        host = torch.tensor(ids + pos + slots + ctx + kv + flat, dtype=torch.int64)
-        self._inputs.upload(host)
+        size = pack_decode(seqs, tables, block_size, b, self.width, self._inputs.staging())
+        self._inputs.send(size)
         graph, out = self._graphs[b]
         graph.replay()
         self.replays += 1

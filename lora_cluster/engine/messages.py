@@ -80,6 +80,14 @@ class SeqStep:
         """Tokens in the KV cache once this step's tokens are written."""
         return self.start_pos + len(self.token_ids)
 
+    def with_tokens(self, token_ids: tuple[int, ...]) -> SeqStep:
+        """A copy feeding ``token_ids`` instead (``dataclasses.replace`` without its
+        per-field checks: a rank calls this for every placeholder of every step)."""
+        new = object.__new__(SeqStep)
+        new.__dict__.update(self.__dict__)
+        new.__dict__["token_ids"] = token_ids
+        return new
+
 
 @dataclass(frozen=True, kw_only=True)
 class StepPlan:

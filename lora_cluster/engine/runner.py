@@ -174,13 +174,19 @@ class StepRunner:
         for seq_id in plan.released:
             self._tables.pop(seq_id, None)
             self.outputs.forget(seq_id)
+        tables, block_size = self._tables, self.block_size
         for s in plan.seqs:
-            old = self._tables.get(s.seq_id, [])
-            table = old[:s.blocks_from] + list(s.new_blocks)
-            if s.blocks_from > len(old) or len(table) * self.block_size < s.context_len:
+            old = tables.get(s.seq_id)
+            held = len(old) if old is not None else 0
+            if s.blocks_from == held and not s.new_blocks:  # the common decode step
+                table = old
+            else:
+                table = (old[:s.blocks_from] if old else []) + list(s.new_blocks)
+            if (s.blocks_from > held or table is None
+                    or len(table) * block_size < s.start_pos + len(s.token_ids)):
                 raise RuntimeError(f"sequence {s.seq_id}: block table out of step with the "
-                                   f"controller ({len(old)} held, update from {s.blocks_from})")
-            self._tables[s.seq_id] = table
+                                   f"controller ({held} held, update from {s.blocks_from})")
+            tables[s.seq_id] = table
         if not plan.seqs:
             return StepResult(seq=seq) if self.is_output_rank else None
         seqs = self.outputs.fill_placeholders(plan) if plan.placeholders else plan.seqs

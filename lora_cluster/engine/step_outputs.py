@@ -13,7 +13,6 @@ it for the ``PREV_TOKEN`` fed by the next plan's ``placeholders``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,7 +59,7 @@ class StepOutputs:
             if token is None or s.token_ids[-1] != PREV_TOKEN:
                 raise RuntimeError(f"sequence {s.seq_id}: fed the previous step's token, but "
                                    f"this rank learnt none for it")
-            seqs[i] = dataclasses.replace(s, token_ids=(*s.token_ids[:-1], token))
+            seqs[i] = s.with_tokens((*s.token_ids[:-1], token))
         return seqs
 
     def learn_tokens(self, seqs: Sequence[SeqStep], sampled: torch.Tensor | None) -> list[int]:
