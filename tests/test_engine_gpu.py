@@ -160,10 +160,14 @@ def test_split_mixed_steps_equal_unsplit(tmp_path) -> None:
     outputs = {}
     try:
         for mode in ("unsplit", "split", "split+hold"):
+            # Holding: a step budget of 64 tokens is filled by the 1-3 prompts a free seat or
+            # two let in, so nothing is ever held (measured: 0 held steps); 128 tokens with
+            # batches of 8 prompts holds some (4 on CPU with the same prompts).
             cfg = ClusterConfig(model=str(model_dir), device="cuda", dtype="float32",
                                 max_loras=4, max_cpu_loras=8, max_lora_rank=16,
                                 kv_cache_bytes=64 << 20, max_num_seqs=32,
-                                max_num_batched_tokens=64, use_cuda_graphs=True)
+                                max_num_batched_tokens=128 if mode == "split+hold" else 64,
+                                use_cuda_graphs=True)
             group = LocalRankGroup(cfg)
             core = ControllerCore(cfg, load_model_spec(model_dir), group,
                                   Tokenizer.from_model_dir(model_dir))
@@ -172,7 +176,7 @@ def test_split_mixed_steps_equal_unsplit(tmp_path) -> None:
                 runner = group.runtime.runner
                 runner.split_mixed = mode != "unsplit"
                 runner.split_min_decodes = 1
-                batching = PrefillBatching(hold_steps=4, min_prompts=4) if mode == "split+hold" \
+                batching = PrefillBatching(hold_steps=4, min_prompts=8) if mode == "split+hold" \
                     else PrefillBatching()
                 core.scheduler.cfg = dataclasses.replace(core.scheduler.cfg,
                                                          prefill_batching=batching)
