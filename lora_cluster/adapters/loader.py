@@ -278,6 +278,44 @@ def _load_spec(spec: ModelSpec, parallel: ParallelInfo) -> LoadSpec:
     return load
 
 
+def whole_tensor_sources(plan: AdapterPlan, spec: ModelSpec, parallel: ParallelInfo
+                         ) -> dict[ModuleKey, tuple[int, int]] | None:
+    """Header positions of (A, B) for every module ``load_adapter`` gives this rank, when each
+    is one whole tensor of a safetensors file (no TP slice, no expert layout, no fused
+    tensors); None otherwise. Keys in ``load_adapter``'s order."""
+    if plan.table.tensors is not None:
+        return None
+    load = _load_spec(spec, parallel)
+    groups = plan.verdict.groups
+    shapes = plan.table.shapes
+    out: dict[ModuleKey, tuple[int, int]] = {}
+    for t in plan.targets:
+        if not load.holds(t.kind):
+            continue
+        if t.layout not in ("linear", "embedding"):
+            return None
+        shard = load.shards[t.kind]
+        by_layer = []
+        for group in (t.a_group, t.b_group):
+            pos = groups.positions(group)
+            if "*" not in groups.templates[group]:
+                by_layer.append({None: int(pos[0])})
+            else:
+                by_layer.append(dict(zip(groups.indices[pos, 0].tolist(), pos.tolist())))
+        pa, pb = by_layer
+        for layer in t.layers or (None,):
+            a, b = pa[layer], pb[layer]
+            if not (_whole_range(shard.in_range, int(shapes[a][1]))
+                    and _whole_range(shard.out_range, int(shapes[b][0]))):
+                return None
+            out[(layer, t.kind)] = (a, b)
+    return out
+
+
+def _whole_range(sel: object, full: int) -> bool:
+    return sel is None or (isinstance(sel, tuple) and sel[0] == 0 and sel[1] == full)
+
+
 def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -290,18 +328,22 @@ def load_adapter(adapter_dir: str | Path, spec: ModelSpec, parallel: ParallelInf
                  name: str, version: int = 1, max_lora_rank: int,
                  dtype: torch.dtype | str | None = None, subfolder: str | None = None,
                  layers: Iterable[int | None] | None = None,
-                 plans: PlanCache | None = None) -> LoadedAdapter:
+                 plans: PlanCache | None = None,
+                 plan: AdapterPlan | None = None) -> LoadedAdapter:
     """Validate the adapter and read this rank's share of it (see module docstring).
 
     ``layers``: read only these decoder layers (``None`` in it: embed_tokens / lm_head), e.g.
     to stage an in-place update layer by layer; validation always covers the whole adapter.
     ``plans``: reuse the plan of an adapter with byte-identical config and header validated
-    before (``plan_cache``; built for the same ``spec`` and ``max_lora_rank``).
+    before (``plan_cache``; built for the same ``spec`` and ``max_lora_rank``). ``plan``: this
+    file's plan, inspected by the caller a moment ago (nothing is re-validated).
     """
     stats = LoadStats()
     cast = _torch_dtype(dtype)
     load = _load_spec(spec, parallel)
-    if plans is not None:
+    if plan is not None:
+        stats.file_bytes = plan.table.nbytes
+    elif plans is not None:
         plan = plans.inspect(adapter_dir, subfolder=subfolder or name, stats=stats)
     else:
         plan = inspect_adapter(adapter_dir, spec, max_lora_rank=max_lora_rank,

@@ -67,16 +67,22 @@ class PlanCache:
                 stats: LoadStats | None = None) -> AdapterPlan:
         """``loader.inspect_adapter`` for this cache's model and rank limit, reusing the plan
         of byte-identical config + header (same typed errors; see the module docstring)."""
+        return self.inspect_keyed(adapter_dir, subfolder=subfolder, stats=stats)[0]
+
+    def inspect_keyed(self, adapter_dir: str | Path, *, subfolder: str | None = None,
+                      stats: LoadStats | None = None) -> tuple[AdapterPlan, bytes | None]:
+        """``inspect`` and the plan's content key: equal keys, equal config and header bytes
+        (None: a plan that is not kept — ``.bin``, or one with a warning)."""
         stats = stats if stats is not None else LoadStats()
         with stats.timing("validate"):
             files = locate_adapter_files(adapter_dir, subfolder)
         if not files.is_safetensors:
-            return self._full(adapter_dir, subfolder, stats)
+            return self._full(adapter_dir, subfolder, stats), None
         with stats.timing("read"):
             try:
                 config_bytes = files.config.read_bytes()
             except OSError:
-                return self._full(adapter_dir, subfolder, stats)  # its typed error
+                return self._full(adapter_dir, subfolder, stats), None  # its typed error
             path, raw, size = read_safetensors_header(files.weights)
         key = hashlib.blake2b(b"%d\0%d\0" % (len(config_bytes), self.max_lora_rank)
                               + config_bytes + raw, digest_size=20).digest()
@@ -94,17 +100,17 @@ class PlanCache:
                 config = dataclasses.replace(cached.config, path=str(files.config))
                 plan = dataclasses.replace(cached, config=config, table=table)
             stats.file_bytes = table.nbytes
-            return plan
+            return plan, key
         try:
             parsed = json.loads(config_bytes.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return self._full(adapter_dir, subfolder, stats)  # its typed error, as always
+            return self._full(adapter_dir, subfolder, stats), None  # its typed error
         plan = self._validate(files.directory, files.config, parsed, path, raw, size, stats)
         if plan.warning is None:
             self._keep(key, plan)
-        else:
-            logger.warning(plan.warning)
-        return plan
+            return plan, key
+        logger.warning(plan.warning)
+        return plan, None
 
     def _validate(self, directory: Path, config_path: Path, parsed: object, path: str,
                   raw: bytes, size: int, stats: LoadStats) -> AdapterPlan:

@@ -182,6 +182,12 @@ class TensorReader:
         return torch.stack(parts)
 
 
+def read_file_head(path: str, nbytes: int) -> np.ndarray:
+    """The first ``nbytes`` of ``path`` in a new uint8 array (one read; typed error naming the
+    file if it is missing, unreadable or shorter)."""
+    return _read_head(path, nbytes)
+
+
 def _read_head(path: str, nbytes: int) -> np.ndarray:
     """The first ``nbytes`` of ``path`` in a new uint8 array (one read; typed error if short)."""
     buf = np.empty(nbytes, dtype=np.uint8)

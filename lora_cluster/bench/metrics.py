@@ -45,7 +45,7 @@ def _tier(stats: dict[str, Any], tier: str, key: str) -> int:
 def step_breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
     """Mean ms per step between two ``stats()`` snapshots: the controller's planning, the
     round trip to the ranks, the output rank's own step (and of it, the host time until its
-    forwards were issued), the rank's ridden adapter ops, the whole step; and the share of
+    forwards were issued), the rank's ridden adapter ops and inline reads, the whole step; and the share of
     steps that carried a prefill."""
     steps = int(after.get("steps", 0)) - int(before.get("steps", 0))
     if steps <= 0 or "step_total_us" not in after:
@@ -56,7 +56,8 @@ def step_breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
 
     return {"plan": per_step("step_plan_us"), "execute": per_step("step_execute_us"),
             "rank": per_step("step_rank_us"), "rank_launch": per_step("step_rank_launch_us"),
-            "rank_ops": per_step("step_rank_ops_us"), "total": per_step("step_total_us"),
+            "rank_ops": per_step("step_rank_ops_us"), "rank_reads": per_step("step_rank_reads_us"),
+            "total": per_step("step_total_us"),
             "prefill_share": per_step("steps_with_prefill") * 1e3}
 
 

@@ -198,6 +198,7 @@ class StepLoop(AsyncStepper):
             self._counters["step_rank_us"] += int(result.forward_ms * 1e3)
             self._counters["step_rank_launch_us"] += int(result.launch_ms * 1e3)
             self._counters["step_rank_ops_us"] += int(result.ops_ms * 1e3)
+            self._counters["step_rank_reads_us"] += int(result.reads_ms * 1e3)
             self._counters["step_total_us"] += int((time.perf_counter() - since) * 1e6)
             if any(len(s.token_ids) > 1 for s in step.plan.seqs):
                 self._counters["steps_with_prefill"] += 1

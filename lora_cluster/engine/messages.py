@@ -273,6 +273,8 @@ class StepResult:
     # device. ops_ms: the step's ridden adapter ops and the wait for their slots, before it.
     launch_ms: float = 0.0
     ops_ms: float = 0.0
+    # Read-ahead reads a CPU rank ran inline after the forward (before this result left).
+    reads_ms: float = 0.0
     # One entry per ``Step.adapter_ops`` (the output rank's PlaceResult or LoadResult, None
     # for a drop).
     adapter_results: tuple[PlaceResult | LoadResult | None, ...] = ()

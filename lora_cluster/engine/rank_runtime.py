@@ -49,6 +49,7 @@ from lora_cluster.engine.messages import (
     StepResult,
     UpdateAdapter,
 )
+from lora_cluster.engine.packed_reads import PackedReads, ReadMiss
 from lora_cluster.engine.rank_memory import memory_stats, weight_bytes
 from lora_cluster.engine.read_ahead import ReadAhead, read_ahead_depth
 from lora_cluster.engine.runner import StepRunner
@@ -131,6 +132,8 @@ class RankRuntime:
         self.load_stats: dict[AdapterKey, LoadResult] = {}
         # Plans of adapters validated before, by config + header bytes (adapters/plan_cache.py).
         self.plans = PlanCache(self.spec, max_lora_rank=config.max_lora_rank)
+        self.packed_reads = PackedReads(self.plans, self.spec, self.parallel, dtype=self.dtype,
+                                        pin=self.device.type == "cuda")
         self.read_ahead: ReadAhead[tuple[AdapterWeights, dict[str, float]]] = ReadAhead(
             self._read, capacity=read_ahead_depth(config.max_loras, config.max_cpu_loras),
             workers=0 if self.device.type == "cpu" else READ_AHEAD_WORKERS,
@@ -180,12 +183,14 @@ class RankRuntime:
             self.activator.wait_for(s.slot for s in command.plan.seqs if s.slot >= 0)
             ops_ms = (time.perf_counter() - t0) * 1e3
             result = self.runner.run(command.plan, command.seq)
+            t0 = time.perf_counter()
             if self.read_ahead.inline:
                 self.read_ahead.run_pending(CPU_READS_PER_STEP)
             if isinstance(result, StepResult):  # only the output rank returns one
                 ready = self.read_ahead.take_ready()  # their loads may ride (step_ops.py)
                 result = dataclasses.replace(result, adapter_results=done,
-                                             read_ahead_ready=ready, ops_ms=ops_ms)
+                                             read_ahead_ready=ready, ops_ms=ops_ms,
+                                             reads_ms=(time.perf_counter() - t0) * 1e3)
             return result
         if isinstance(command, LoadAdapter):
             return self._load(command)
@@ -227,8 +232,15 @@ class RankRuntime:
         """This rank's slices of one adapter version, and where the time went."""
         from lora_cluster.adapters import load_adapter
 
+        # A structure read before: straight into its slot-ready page (engine/packed_reads.py).
+        fast = self.packed_reads.read(path, name, version)
+        if not isinstance(fast, ReadMiss):
+            t0 = time.perf_counter()
+            self.activator.prepare(fast[0])
+            fast[1]["validate"] += (time.perf_counter() - t0) * 1e3
+            return fast
         loaded = load_adapter(path, self.spec, self.parallel, name=name, version=version,
-                              max_lora_rank=self.config.max_lora_rank, plans=self.plans)
+                              max_lora_rank=self.config.max_lora_rank, plan=fast.plan)
         breakdown = dict(loaded.stats.breakdown())
         # Slot-ready host copies (model dtype, scale folded; pinned on GPU hosts): activating
         # them is plain copies, an async DMA from pinned memory.
@@ -246,6 +258,7 @@ class RankRuntime:
         t0 = time.perf_counter()
         self.activator.prepare(weights)
         breakdown["validate"] += (time.perf_counter() - t0) * 1e3
+        self.packed_reads.learn(fast, loaded, weights)
         return weights, breakdown
 
     def _load(self, cmd: LoadAdapter) -> LoadResult:
@@ -369,6 +382,7 @@ class RankRuntime:
             "activation": self.activator.stats(),
             "read_ahead": self.read_ahead.stats(),
             "plan_cache": self.plans.stats(),
+            "packed_reads": self.packed_reads.stats(),
             "live_sequences": self.runner.num_live_seqs,
             "cuda_graph_buckets": list(self.runner.graphs.buckets) if self.runner.graphs else [],
             "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
