@@ -295,7 +295,7 @@ def whole_tensor_sources(plan: AdapterPlan, spec: ModelSpec, parallel: ParallelI
         if t.layout not in ("linear", "embedding"):
             return None
         shard = load.shards[t.kind]
-        by_layer = []
+        by_layer: list[dict[int | None, int]] = []
         for group in (t.a_group, t.b_group):
             pos = groups.positions(group)
             if "*" not in groups.templates[group]:

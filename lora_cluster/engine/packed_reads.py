@@ -149,14 +149,15 @@ class PackedReads:
             return None
         src = torch.zeros(numel, dtype=torch.int64)
         mult = torch.ones(numel, dtype=torch.float32)
-        views = []
+        views: list[tuple[ModuleKey, View, View]] = []
         for key, (pa, pb) in sources.items():
             out, original = modules[key], loaded.weights.modules[key]
-            pair = []
+            pair: list[View] = []
             for pos, view, file_t in ((pa, out.a, original.a), (pb, out.b, original.b)):
                 first = int(table.begin[pos]) // size
                 index = torch.arange(first, first + file_t.numel()).view(file_t.shape)
-                geometry = (view.storage_offset(), tuple(view.shape), tuple(view.stride()))
+                geometry: View = (int(view.storage_offset()), tuple(view.shape),
+                                  tuple(view.stride()))
                 src.as_strided(geometry[1], geometry[2], geometry[0]).copy_(index)
                 pair.append(geometry)
             b_view = pair[1]
