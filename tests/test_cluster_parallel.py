@@ -15,6 +15,7 @@ import ray
 from oracle import oracle_greedy, oracle_logits
 
 from lora_cluster import Cluster, ClusterConfig, SamplingParams
+from lora_cluster.engine.gc_pauses import SERVE_THRESHOLDS
 
 pytestmark = pytest.mark.ray
 
@@ -69,6 +70,11 @@ def test_layout_matches_single_rank_and_oracle(ray_session: Any, assets: Any, tp
             assert memory["base_weight_bytes"] > 0 and memory["lora_slot_bytes"] > 0
             assert memory["adapters_in_host_cache"] == len(ADAPTERS)
             assert memory["adapter_host_cache_bytes"] == sum(b[r] for b in per_rank.values())
+            # Rank processes serve with the raised GC thresholds, their model frozen out of
+            # the collector, every collection timed (engine/gc_pauses.py).
+            pauses = stats["gc"]
+            assert pauses["thresholds"] == list(SERVE_THRESHOLDS) and pauses["frozen"] > 0
+            assert len(pauses["collections"]) == len(pauses["ms"]) == 3
 
 
 def test_killed_rank_mid_batch_is_rebuilt_and_requests_finish(ray_session: Any,

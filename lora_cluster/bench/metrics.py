@@ -61,6 +61,22 @@ def step_breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
             "prefill_share": per_step("steps_with_prefill") * 1e3}
 
 
+def rank_gc(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Per rank process: cyclic-GC collections by generation, their ms, and ms per step
+    between two snapshots (None when the target has no rank processes)."""
+    pairs = list(zip(before.get("rank_gc") or [], after.get("rank_gc") or []))
+    if not pairs or any(a is None or b is None for a, b in pairs):
+        return None
+    steps = max(1, int(after.get("steps", 0)) - int(before.get("steps", 0)))
+    out = []
+    for a, b in pairs:
+        ms = [y - x for x, y in zip(a["ms"], b["ms"])]
+        out.append({"collections": [y - x for x, y in zip(a["collections"], b["collections"])],
+                    "ms": [round(m, 3) for m in ms], "ms_per_step": sum(ms) / steps,
+                    "max_ms": b["max_ms"], "thresholds": b["thresholds"]})
+    return out
+
+
 def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Slot hit rate and load counts between two ``stats()`` snapshots."""
     d = {f"{tier}_{key}": _tier(after, tier, key) - _tier(before, tier, key)
@@ -74,6 +90,7 @@ def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         "host_evictions": d["host_evictions"],
         "steps": int(after.get("steps", 0)) - int(before.get("steps", 0)),
         "step_breakdown_ms": step_breakdown(before, after),
+        "rank_gc": rank_gc(before, after),
         "server_generated_tokens": (int(after.get("generated_tokens", 0))
                                     - int(before.get("generated_tokens", 0))),
     }

@@ -101,6 +101,9 @@ def _send_then(done: Callable[[RequestRecord], None], target: Target, request: B
 
 def _snapshot(target: Target) -> tuple[dict[str, Any], float]:
     stats = target.stats()
+    rank_stats = getattr(target, "rank_stats", None)  # the Ray cluster: rank processes' GC
+    if callable(rank_stats):
+        stats = {**stats, "rank_gc": [r.get("gc") for r in rank_stats()]}
     return stats, time.monotonic()
 
 

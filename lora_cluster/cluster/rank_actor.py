@@ -8,7 +8,6 @@ the rank is gone. Score logits stay on this rank until the caller takes them by 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import socket
 import threading
@@ -19,6 +18,7 @@ import torch
 
 from lora_cluster.cluster.dist_comm import FORCED_ENV
 from lora_cluster.config import ClusterConfig
+from lora_cluster.engine.gc_pauses import SERVE_THRESHOLDS, GCPauses, serve_gc
 from lora_cluster.engine.messages import RankReply, Shutdown, Step, StepResult
 from lora_cluster.errors import ClusterError, LoRAClusterError
 from lora_cluster.model.parallel import LocalComm, ParallelInfo
@@ -43,6 +43,7 @@ class RankActorImpl:
         self.comm: Any = None
         self._payloads: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
+        self.gc_pauses = GCPauses()
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port (used by rank 0 as the rendezvous)."""
@@ -67,9 +68,13 @@ class RankActorImpl:
         self.runtime = RankRuntime(self.config, self.parallel, self.comm)
         # What is alive now (imports, the model, its buffers) lives as long as the process:
         # frozen out of the cyclic GC, a full collection no longer walks it (~300k objects on
-        # cpu-tiny, ~0.1 s a pass — a stall of the step every rank waits for).
-        gc.collect()
-        gc.freeze()
+        # cpu-tiny, ~0.1 s a pass — a stall of the step every rank waits for); and the serving
+        # loop collects less often (engine/gc_pauses.py; LORA_CLUSTER_RANK_GC_THRESHOLDS="a,b,c"
+        # through ``extra_env`` overrides the thresholds). Every pause is timed (``stats()``).
+        thresholds = os.environ.get("LORA_CLUSTER_RANK_GC_THRESHOLDS")
+        serve_gc(tuple(int(v) for v in thresholds.split(",")) if thresholds  # type: ignore[arg-type]
+                 else SERVE_THRESHOLDS)
+        self.gc_pauses.install()
         self.reader = CommandReader(command_address, reply_address, self.parallel.rank)
         return {"rank": self.parallel.rank, "num_kv_blocks": self.runtime.num_kv_blocks,
                 "device": str(self.runtime.device), "context_limit": self.runtime.context_limit,
@@ -123,7 +128,9 @@ class RankActorImpl:
             return self._payloads.pop(key)
 
     def stats(self) -> dict[str, Any]:
-        return self.runtime.stats() if self.runtime is not None else {"rank": self.parallel.rank}
+        if self.runtime is None:
+            return {"rank": self.parallel.rank}
+        return {**self.runtime.stats(), "gc": self.gc_pauses.stats()}
 
     def pid(self) -> int:
         return os.getpid()
