@@ -80,7 +80,9 @@ def test_recipe_reads_equal_the_general_path_bit_for_bit(case: str, fixture_cach
                         dtype=dtype, pin=False)
     first = _read(reads, twins[0], spec, ParallelInfo(), dtype)
     _assert_bit_equal(first, _general(twins[0], spec, ParallelInfo(), dtype))
-    assert reads.stats() == {"recipes": 1, "hits": 0, "learnt": 1, "refused": 0}
+    stats = reads.stats()
+    assert stats | {"bytes": 0} == {"recipes": 1, "bytes": 0, "hits": 0, "learnt": 1, "refused": 0}
+    assert stats["bytes"] > 0
     for twin in twins[1:]:
         got = reads.read(str(twin), "x", 1)
         assert not isinstance(got, ReadMiss)
@@ -106,7 +108,7 @@ def test_structures_without_a_recipe_keep_the_general_path(fixture_cache) -> Non
     for path in experts:
         _assert_bit_equal(_read(reads, path, spec, ParallelInfo(), torch.float32),
                           _general(path, spec, ParallelInfo(), torch.float32))
-    assert reads.stats() == {"recipes": 0, "hits": 0, "learnt": 0, "refused": 1}
+    assert reads.stats() == {"recipes": 0, "bytes": 0, "hits": 0, "learnt": 0, "refused": 1}
     # A TP rank holds slices of attention: no recipe either, and its reads stay right.
     tp = ParallelInfo(tp_rank=1, tp_size=2)
     reads = PackedReads(PlanCache(spec, max_lora_rank=RANK), spec, tp, dtype=torch.float32,
@@ -137,3 +139,31 @@ def test_a_twin_broken_after_the_recipe_was_learnt_fails_typed(fixture_cache,
         reads.read(str(bad), "x", 1)
     # The recipe still serves its structure.
     assert not isinstance(reads.read(str(second), "x", 1), ReadMiss)
+
+
+def test_recipes_stay_under_their_memory_bound(fixture_cache) -> None:
+    """A recipe larger than the bound is refused (general path, same pages); under a bound
+    that holds one recipe, learning a second structure pushes the first out."""
+    model_dir = fixture_cache.model("qwen3_moe")
+    spec = load_model_spec(model_dir)
+    small = [fixture_cache.adapter(model_dir, name=f"b-{s}", targets=["attention"], r=4, seed=s)
+             for s in (1, 2)]
+    other = [fixture_cache.adapter(model_dir, name=f"b-o-{s}", targets=["attention"], r=2,
+                                   seed=s) for s in (1, 2)]
+    tiny = PackedReads(PlanCache(spec, max_lora_rank=RANK), spec, ParallelInfo(),
+                       dtype=torch.float32, pin=False, max_bytes=64)
+    for path in small:
+        _assert_bit_equal(_read(tiny, path, spec, ParallelInfo(), torch.float32),
+                          _general(path, spec, ParallelInfo(), torch.float32))
+    assert tiny.stats()["recipes"] == 0 and tiny.stats()["refused"] == 1
+    probe = PackedReads(PlanCache(spec, max_lora_rank=RANK), spec, ParallelInfo(),
+                        dtype=torch.float32, pin=False)
+    _read(probe, small[0], spec, ParallelInfo(), torch.float32)
+    one = probe.stats()["bytes"]
+    bounded = PackedReads(PlanCache(spec, max_lora_rank=RANK), spec, ParallelInfo(),
+                          dtype=torch.float32, pin=False, max_bytes=one + 16)
+    _read(bounded, small[0], spec, ParallelInfo(), torch.float32)
+    _read(bounded, other[0], spec, ParallelInfo(), torch.float32)  # smaller: fits, pushes out
+    assert bounded.stats()["recipes"] == 1 and bounded.stats()["bytes"] <= one + 16
+    assert isinstance(bounded.read(str(small[1]), "x", 1), ReadMiss)  # pushed out
+    assert not isinstance(bounded.read(str(other[1]), "x", 1), ReadMiss)

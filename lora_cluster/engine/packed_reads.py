@@ -16,8 +16,9 @@ instead of one tensor view per A/B, a pack per module and a fold per B (cpu-tiny
 read → ~0.1 ms). ``src`` and ``mult`` are learnt by replaying the first adapter's page views
 over index tensors, and a recipe is kept only if applying it to that same file gives the
 general path's page bit for bit; a structure it cannot describe (TP slices, expert layouts,
-several pages, mixed dtypes) keeps the general path. Thread-safe (a rank's reader thread and
-command thread share it); at most ``capacity`` recipes, least recently used first out.
+several pages, mixed dtypes, a recipe over the memory bound) keeps the general path.
+Thread-safe (a rank's reader thread and command thread share it); at most ``capacity``
+recipes and ``max_bytes`` of them, least recently used first out.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ from lora_cluster.adapters.weights import AdapterWeights, LoRATensors, ModuleKey
 from lora_cluster.model.parallel import ParallelInfo
 from lora_cluster.model.spec import ModelSpec
 
-DEFAULT_CAPACITY = 64  # structures with a recipe (each holds two page-sized index tensors)
-MAX_PAGE_ELEMENTS = 16 << 20  # larger adapters gain little and their recipe costs memory
+DEFAULT_CAPACITY = 64  # structures with a recipe
+# A recipe holds an index per page element (int32 below 2**31 data elements) and, when some
+# scaling is not 1, a float32 factor per element: all recipes together stay under this many
+# bytes (least recently used first out); a structure whose recipe alone exceeds it keeps the
+# general path. (A 48-layer attention adapter of rank 16 at H = 2048: ~12 M elements, 48 MB
+# of index, plus 48 MB of factors when its scaling is not folded to 1.)
+DEFAULT_MAX_BYTES = 256 << 20
 
 View = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, stride
 
@@ -49,11 +55,16 @@ View = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, st
 class _Recipe:
     """How one structure's data section becomes its slot-ready page (module docstring)."""
 
-    src: torch.Tensor  # [page] int64: data element (in the file dtype) of each page element
+    src: torch.Tensor  # [page] int32/int64: data element (file dtype) of each page element
     mult: torch.Tensor | None  # [page] float32: B's scaling, 1 elsewhere; None: all 1
     file_dtype: torch.dtype
     views: tuple[tuple[ModuleKey, View, View], ...]  # per module, in load order: A, B
     rank: int
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.mult is None else self.mult.numel() * self.mult.element_size()
+        return self.src.numel() * self.src.element_size() + extra
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,10 @@ class PackedReads:
     """Recipes by structure for one rank's reads (see the module docstring)."""
 
     def __init__(self, plans: PlanCache, spec: ModelSpec, parallel: ParallelInfo, *,
-                 dtype: torch.dtype, pin: bool, capacity: int = DEFAULT_CAPACITY) -> None:
+                 dtype: torch.dtype, pin: bool, capacity: int = DEFAULT_CAPACITY,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.plans, self.spec, self.parallel = plans, spec, parallel
-        self.dtype, self.pin, self.capacity = dtype, pin, capacity
+        self.dtype, self.pin, self.capacity, self.max_bytes = dtype, pin, capacity, max_bytes
         self._recipes: OrderedDict[bytes, _Recipe | None] = OrderedDict()  # None: no recipe
         self._lock = threading.Lock()
         self.hits = 0
@@ -114,19 +126,25 @@ class PackedReads:
             data = _data_section(miss.plan, recipe.file_dtype)
             if not _same(self._assemble(recipe, data), packed.modules):
                 recipe = None
+        if recipe is not None and recipe.nbytes > self.max_bytes:
+            recipe = None
         with self._lock:
             self._recipes[miss.key] = recipe
             if recipe is None:
                 self.refused += 1
             else:
                 self.learnt += 1
-            while len(self._recipes) > self.capacity:
+            while len(self._recipes) > self.capacity or self._bytes() > self.max_bytes:
                 self._recipes.popitem(last=False)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"recipes": sum(r is not None for r in self._recipes.values()),
-                    "hits": self.hits, "learnt": self.learnt, "refused": self.refused}
+                    "bytes": self._bytes(), "hits": self.hits, "learnt": self.learnt,
+                    "refused": self.refused}
+
+    def _bytes(self) -> int:
+        return sum(r.nbytes for r in self._recipes.values() if r is not None)
 
     # ---------------------------------------------------------------- internals
     def _derive(self, plan: AdapterPlan, loaded: LoadedAdapter,
@@ -145,7 +163,7 @@ class PackedReads:
                for t in tensors):
             return None  # several pages
         numel = storage.nbytes() // tensors[0].element_size()
-        if numel > MAX_PAGE_ELEMENTS or np.any(table.begin % size):
+        if numel * 4 > self.max_bytes or np.any(table.begin % size):
             return None
         src = torch.zeros(numel, dtype=torch.int64)
         mult = torch.ones(numel, dtype=torch.float32)
@@ -164,6 +182,8 @@ class PackedReads:
             mult.as_strided(b_view[1], b_view[2], b_view[0]).fill_(float(original.scaling))
             views.append((key, pair[0], pair[1]))
         all_one = bool((mult == 1.0).all())
+        if int(table.end.max()) // size < 2**31:
+            src = src.to(torch.int32)  # index_select takes either: half the memory
         return _Recipe(src, None if all_one else mult, file_dtype, tuple(views),
                        loaded.weights.rank)
 
