@@ -1,14 +1,17 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
 tile × column group expands it, per-tile arrival counters that reset themselves) beside
 the plain split and today's split + PDL choice, dense and GQA qkv, T = 1, 8, 64, 1024, 1
 and 32 adapters, rank 16, over several column-group counts G; ``v5`` is the PDL /
-split-tile set of docs/KERNELS.md v5 (→ results/kernels_candidates_v2_h100.json).
+split-tile set of docs/KERNELS.md v5 (→ results/kernels_candidates_v2_h100.json); ``v7``
+the short dependent-load chains (tile starts from the counts, an expand prefetching row ids,
+B and output tiles before the PDL wait) on today's tiles and a few column / K splits
+(→ results/kernels_candidates_v4_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -66,7 +69,11 @@ ARRIVE_CASES: list[Key] = [(s, 16, t, a) for s in ("dense", "qkv_gqa")
                            for t in (1, 8, 64, 1024) for a in (1, 32)]
 RESULTS = ROOT / "benchmarks" / "results"
 SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"),
-        "v5": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v2_h100.json")}
+        "v5": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v2_h100.json"),
+        "v7": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v4_h100.json")}
+GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
+             "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
+             "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -100,6 +107,38 @@ def arrive_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
             (f"arrive_bm32_g{scale(8)}", A(32, 128, 4, 128, scale(8)))]
 
 
+def short_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v7: today's split tiles with the short chains (starts from counts: ``cum``; the
+    prefetching expand: ``pf``; both: ``short``), then both over other column ranges per
+    program (one BN block a program, or more) and K splits."""
+    shape, _, tokens, _ = key
+    today = _choice(key)
+    if not isinstance(today, cfg.SplitConfig):
+        return []
+    both = replace(today, cum_starts=True, prefetch=True)
+    out: list[tuple[str, cfg.LinearConfig | None]] = [
+        ("cum", replace(today, cum_starts=True)), ("pf", replace(today, prefetch=True)),
+        ("short", both)]
+    n_cols = SHAPES[shape][-1]
+    one_block = n_cols // both.bn
+    if tokens <= 16:
+        out += [("short_sk16", replace(both, split_k=16)),
+                ("short_bn128", replace(both, bn=128, col_splits=n_cols // 128))]
+    elif tokens <= 128:
+        if both.col_splits != one_block:
+            out.append((f"short_c{one_block}", replace(both, col_splits=one_block)))
+        out.append(("short_c16", replace(both, col_splits=16)))
+    elif tokens >= 1024:
+        if not both.pdl:
+            out.append(("short_pdl", replace(both, pdl=True)))
+        for cs in (16, 32, one_block):
+            out.append((f"short_c{cs}", replace(both, col_splits=cs)))
+        out += [("short_c16_pdl", replace(both, col_splits=16, pdl=True)),
+                ("short_sk8_c16", replace(both, split_k=8, col_splits=16)),
+                ("short_c32_ew4", replace(both, col_splits=32, expand_warps=4))]
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
@@ -110,6 +149,13 @@ def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig 
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
+    if which == "v7":
+        seen = {c if c is not None else _choice(key) for _, c in out}
+        for name, config in short_candidates(key):
+            if config is not None and config not in seen:
+                seen.add(config)
+                out.append((name, config))
+        return out
     if tokens >= 1024:
         out += [("split_sk8", S(64, 128, 8, 128, 8, 4, 8)),
                 ("split_bm32", S(32, 128, 4, 128, 8, 4, 4)),
@@ -163,8 +209,7 @@ def main() -> None:
     import importlib.util
 
     if not args.no_tests and importlib.util.find_spec("pytest") is not None:
-        select = (["tests/test_kernels_arrive.py"] if args.which == "arrive"
-                  else ["tests/test_kernels_gpu.py", "-k", "pdl"])
+        select = GPU_TESTS[args.which]
         tests = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -204,7 +249,9 @@ def main() -> None:
                 if name == "legacy":
                     legacy_out = got
                 elif (legacy_out is not None and isinstance(chosen, cfg.SplitConfig)
-                      and replace(chosen, pdl=False) == legacy):
+                      and isinstance(legacy, cfg.SplitConfig)
+                      and replace(chosen, pdl=False, cum_starts=False, prefetch=False,
+                                  col_splits=legacy.col_splits) == legacy):
                     row["bit_equal_legacy"] = bool(torch.equal(got, legacy_out))
                 elif legacy_out is not None and isinstance(chosen, cfg.ArriveConfig):
                     row["bit_equal_split"] = bool(torch.equal(got, legacy_out))

@@ -3,11 +3,14 @@
 Graph safety: each op is captured once (metadata built inside the graph from static input
 tensors), then new row → adapter assignments (-1 rows included) are copied into those
 inputs and the replay must equal an eager call bit for bit. The split path's programmatic
-dependent launch (PDL, Hopper+) is tested at real sizes and in chained graph replays
-(``-k pdl``).
+dependent launch (PDL, Hopper+) and the short-chain split (starts from counts, a
+prefetching expand) are tested at real sizes and in chained graph replays
+(``-k "pdl or short"``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,12 +28,17 @@ PDL_SPLIT = cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16, pdl=
 # The tiles chosen for ~1k rows (one adapter: few row tiles, split-K 4), with PDL.
 PDL_SPLIT_1K = cfg.SplitConfig(bm=64, bk=128, split_k=4, bn=128, col_splits=8, expand_warps=8,
                                pdl=True)
+# The same with the short dependent-load chains (starts from counts, prefetching expand).
+SHORT_SPLIT = replace(PDL_SPLIT, cum_starts=True, prefetch=True)
+SHORT_SPLIT_1K = replace(PDL_SPLIT_1K, cum_starts=True, prefetch=True)
 FORCED: dict[str, cfg.LinearConfig | None] = {
     "auto": None,
     "fused": cfg.FusedConfig(bm=16, bk=128, bn=64, col_splits=8),
     "split": cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=64, col_splits=16),
     "split_pdl": PDL_SPLIT,
     "split_pdl_1k": PDL_SPLIT_1K,
+    "split_short": SHORT_SPLIT,
+    "split_short_1k": SHORT_SPLIT_1K,
 }
 
 
@@ -58,6 +66,9 @@ LINEAR_CASES = (
        for s in SHAPES]
     + [("split_pdl_1k", 1024, 16, s, torch.bfloat16) for s in SHAPES]
     + [("split_pdl", 64, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
+    + [("split_short", t, r, s, torch.bfloat16) for t in (1, 64, 300) for r in (16, 64)
+       for s in SHAPES]
+    + [("split_short_1k", 1024, 16, s, torch.bfloat16) for s in SHAPES]
 )
 
 
@@ -214,8 +225,6 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
     eager chain bit for bit, the PDL chain equals the plain-split chain bit for bit (the
     flag changes only launch order), and each layer matches the float32 reference on the
     input it actually read."""
-    from dataclasses import replace
-
     from lora_kernels import linear
 
     gen = torch.Generator().manual_seed(200 + tokens)
@@ -225,7 +234,7 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
     n, n_cols = len(offs) - 1, offs[-1]
     chosen = cfg.choose_linear(tokens, n_cols, 4096, 16, n, 32)
     assert isinstance(chosen, cfg.SplitConfig)
-    configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K]
+    configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K, SHORT_SPLIT, SHORT_SPLIT_1K]
     outs = [out0.clone() for _ in configs]
 
     def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig]) -> None:
@@ -250,7 +259,7 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
         eager = [out0.clone() for _ in configs]
         chain(eager, configs)
         plain = [out0.clone() for _ in configs]
-        chain(plain, [replace(c, pdl=False) for c in configs])
+        chain(plain, [replace(c, pdl=False, cum_starts=False, prefetch=False) for c in configs])
         torch.cuda.synchronize()
         src = x
         for layer, (out, e, p) in enumerate(zip(outs, eager, plain, strict=True)):

@@ -37,6 +37,10 @@ VARIANTS: dict[str, tuple[int, cfg.LinearConfig | None]] = {
     # PDL runs as the plain split without a Hopper GPU (the interpreter) and with it on one;
     # K = 72 in chunks of 32 gives three partials, the last one ragged.
     "split_pdl": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=1, pdl=True)),
+    # Short chains: starts from the counts, expand prefetching (two blocks a program, so
+    # the next-block loads run; unaligned 2-slice offsets take the plain expand).
+    "split_short": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=2, pdl=True,
+                                        cum_starts=True, prefetch=True)),
     "auto": (16, None),
 }
 _KERNEL_MODULES = ("triton_common", "triton_linear", "triton_arrive", "triton_moe",
@@ -255,7 +259,34 @@ def test_split_pdl_rank64_unaligned_slices(dtype: torch.dtype) -> None:
     assert torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("variant", ["fused", "split", "split_pdl"])
+@pytest.mark.parametrize("n_slices", [1, 3])
+@pytest.mark.parametrize("popularity", ["identical", "distinct", "skewed"])
+def test_split_short_chains_same_bits(popularity: str, n_slices: int) -> None:
+    """Starts taken from the counts and the prefetching expand (1 and 3 column blocks a
+    program, ragged last block) give exactly the plain split's bits; -1 rows untouched."""
+    from lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(13 + n_slices)
+    offs = SLICES[n_slices]
+    m, k, w, rank = 41, 72, 5, 16
+    idx = testing.entry_indices(m, w, popularity, gen, none_frac=0.25).to(DEVICE)
+    x = _rand(gen, m, k, dtype=torch.float16)
+    a = _rand(gen, n_slices, w, rank, k, scale=0.15, dtype=torch.float16)
+    b = _rand(gen, w, offs[-1], rank, scale=0.3, dtype=torch.float16)
+    out0 = _rand(gen, m, offs[-1], dtype=torch.float16)
+    meta = build_lora_meta(idx, w)
+    assert meta.cum_starts
+    for col_splits in (1, 3):
+        plain = cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=col_splits)
+        want, got = out0.clone(), out0.clone()
+        linear.lora_linear(want, x, a, b, meta, offs, config=plain)
+        linear.lora_linear(got, x, a, b, meta, offs,
+                           config=replace(plain, cum_starts=True, prefetch=True))
+        assert torch.equal(got, want), col_splits
+        assert torch.equal(got[idx < 0], out0[idx < 0])
+
+
+@pytest.mark.parametrize("variant", ["fused", "split", "split_pdl", "split_short"])
 def test_linear_all_rows_unassigned_adds_nothing(variant: str) -> None:
     from lora_kernels import linear
 

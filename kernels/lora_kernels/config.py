@@ -48,6 +48,12 @@ class SplitConfig:
     expand_warps: int = 4
     stages: int = 3
     pdl: bool = False
+    # Shorter dependent-load chains (docs/KERNELS.md v7): tile starts from the counts in
+    # registers (when the meta's segments are in entry order), and an expand that loads
+    # row ids, B and output tiles ahead (before the PDL wait; the next block's during the
+    # current one). Same arithmetic, same bits.
+    cum_starts: bool = False
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)

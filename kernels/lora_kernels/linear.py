@@ -83,10 +83,13 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         _, k_progs = cfg.k_chunks(k, config.split_k, config.bk)
         y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
         pdl = config.pdl and _pdl_capable(x.device)
+        cum = config.cum_starts and meta.cum_starts
         _launch_shrink(x, lora_a, meta, y, config.bm, config.bk, config.split_k,
-                       config.shrink_warps, config.stages, zero_unassigned=False, pdl=pdl)
+                       config.shrink_warps, config.stages, zero_unassigned=False, pdl=pdl,
+                       cum_starts=cum)
         _launch_expand(out, y, lora_b, meta, slice_offsets, config.bm, config.bn,
-                       config.col_splits, config.expand_warps, pdl=pdl)
+                       config.col_splits, config.expand_warps, pdl=pdl, cum_starts=cum,
+                       prefetch=config.prefetch)
         return
     o1, o2, o3 = cfg.inner_offsets(slice_offsets, n_cols)
     per, col_progs = cfg.grid_cols(n_cols, config.bn, config.col_splits)
@@ -164,7 +167,7 @@ def lora_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, meta: 
 def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: torch.Tensor,
                    bm: int, bk: int, split_k: int, warps: int, stages: int,
                    zero_unassigned: bool, row_div: int = 1, x_by_pos: bool = False,
-                   y_by_pos: bool = False, pdl: bool = False) -> None:
+                   y_by_pos: bool = False, pdl: bool = False, cum_starts: bool = False) -> None:
     n, w_count, rank, k = lora_a.shape
     m = y.shape[2]
     per, k_progs = cfg.k_chunks(k, split_k, bk)
@@ -179,13 +182,14 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, y: tor
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(entries),
         BM=bm, BK=bk, EVEN_K=k % per == 0, ZERO_UNASSIGNED=zero_unassigned,
         X_BY_POS=x_by_pos, Y_BY_POS=y_by_pos, DOT_PREC=cfg.dot_precision(x.dtype), PDL=pdl,
-        num_warps=warps, num_stages=stages,
+        CUM_STARTS=cum_starts and meta.cum_starts, num_warps=warps, num_stages=stages,
     )
 
 
 def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMeta,
                    slice_offsets: Sequence[int], bm: int, bn: int, col_splits: int,
-                   warps: int, pdl: bool = False) -> None:
+                   warps: int, pdl: bool = False, cum_starts: bool = False,
+                   prefetch: bool = False) -> None:
     split_k, n, m, rank = y.shape
     n_cols = out.shape[1]
     o1, o2, o3 = cfg.inner_offsets(slice_offsets, n_cols)
@@ -198,6 +202,7 @@ def _launch_expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, met
         y.stride(0), y.stride(1), y.stride(2), *lora_b.stride(), *out.stride(),
         NS_PAD=cfg.next_pow2(n), R_PAD=cfg.rank_pad(rank), W_PAD=cfg.next_pow2(lora_b.shape[0]),
         BM=bm, BN=bn, ALIGNED=cfg.aligned(slice_offsets, bn),
-        DOT_PREC=cfg.dot_precision(out.dtype), PDL=pdl, num_warps=warps,
+        DOT_PREC=cfg.dot_precision(out.dtype), PDL=pdl,
+        CUM_STARTS=cum_starts and meta.cum_starts, PREFETCH=prefetch, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -22,6 +22,9 @@ class LoRAMeta:
     active_entries: [W] int32  entries that have rows, ascending, then -1 padding
     num_active:     [1] int32  how many entries have rows (a device scalar: never read back)
     num_weights:    W (python int, fixed by the buffer shape, never read back from the device)
+    cum_starts:     whether ``seg_starts`` is the exclusive cumsum of ``seg_counts`` (segments
+                    laid out in entry order): kernels may then derive a tile's start from
+                    the counts they already hold instead of a dependent load
 
     Kernels launch a grid bounded by ``cdiv(M, BM) + min(W, M)`` row tiles (a static bound,
     so a captured CUDA graph stays valid for any assignment) and find their entry from
@@ -35,6 +38,7 @@ class LoRAMeta:
     num_weights: int
     active_entries: torch.Tensor | None = None
     num_active: torch.Tensor | None = None
+    cum_starts: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -73,5 +77,5 @@ def build_lora_meta_torch(indices: torch.Tensor, num_weights: int) -> LoRAMeta:
     num_active = live.sum(dtype=torch.int32).reshape(1)
     return LoRAMeta(
         idx, sorted_rows, seg_counts, seg_starts, num_weights,
-        active_entries.to(torch.int32).contiguous(), num_active,
+        active_entries.to(torch.int32).contiguous(), num_active, cum_starts=True,
     )

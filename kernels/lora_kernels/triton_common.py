@@ -15,11 +15,14 @@ import triton.language as tl
 def find_tile(
     pid, seg_counts, seg_starts, num_entries, num_rows,
     W_PAD: tl.constexpr, BM: tl.constexpr, WITH_UNASSIGNED: tl.constexpr,
+    CUM_STARTS: tl.constexpr = False,
 ):
     """Entry, first sorted position, rows left and liveness of row tile ``pid``.
 
     Entries are numbered 0..W-1; with WITH_UNASSIGNED the -1 rows (sorted last) form a
-    virtual entry W, so kernels that must write every row can zero them.
+    virtual entry W, so kernels that must write every row can zero them. CUM_STARTS (the
+    meta's ``cum_starts``: segments in entry order) takes the start from the counts already
+    in registers, one dependent global load fewer before the row ids can be read.
     """
     offs = tl.arange(0, W_PAD)
     cnt = tl.load(seg_counts + offs, mask=offs < num_entries, other=0)
@@ -32,10 +35,13 @@ def find_tile(
     w = tl.sum((cum <= pid).to(tl.int32), 0)
     first_tile = tl.sum(tl.where(offs == w, cum - tiles, 0), 0)
     count = tl.sum(tl.where(offs == w, cnt, 0), 0)
-    in_table = live & (w < num_entries)
-    start = tl.load(seg_starts + w, mask=in_table, other=0)
-    if WITH_UNASSIGNED:
-        start = tl.where(in_table, start, num_rows - count)
+    if CUM_STARTS:
+        start = tl.sum(tl.where(offs < w, cnt, 0), 0)
+    else:
+        in_table = live & (w < num_entries)
+        start = tl.load(seg_starts + w, mask=in_table, other=0)
+        if WITH_UNASSIGNED:
+            start = tl.where(in_table, start, num_rows - count)
     row0 = (pid - first_tile) * BM
     return w, start + row0, count - row0, live
 

@@ -84,7 +84,7 @@ def shrink_kernel(
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, ZERO_UNASSIGNED: tl.constexpr,
     X_BY_POS: tl.constexpr, Y_BY_POS: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, CUM_STARTS: tl.constexpr = False,
 ):
     """One program: a row tile × a K chunk; writes its partial y[ks, s, row, r] (float32).
 
@@ -98,7 +98,8 @@ def shrink_kernel(
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     w, pos0, rows_left, live = find_tile(
-        tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, ZERO_UNASSIGNED)
+        tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, ZERO_UNASSIGNED,
+        CUM_STARTS)
     if live:
         ks = tl.program_id(1)
         k_lo = ks * k_per_prog
@@ -139,47 +140,103 @@ def expand_kernel(
     syk, sys, sym, sbw, sbn, sbr, som, son,
     NS_PAD: tl.constexpr, R_PAD: tl.constexpr, W_PAD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, CUM_STARTS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """One program: a row tile × a column range; sums the shrink's K partials first.
 
     ALIGNED: each column block reads only its own slice's partials (R_PAD wide). PDL: this
     grid was launched programmatically while the shrink still runs; the metadata (done
     before the shrink started) is read first, then it waits for the shrink's partials.
+    PREFETCH (ALIGNED only): the row ids, the first block's B tile and output tile are
+    loaded before that wait (nothing before the expand writes them: the shrink writes only
+    the partials), and each block loads the next block's B and output while it finishes,
+    so after the wait a block's critical path is partials → dot → store.
     """
     w, pos0, rows_left, live = find_tile(
-        tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, False)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    if live:
+        tl.program_id(0), seg_counts, seg_starts, num_entries, M, W_PAD, BM, False, CUM_STARTS)
+    if PREFETCH and ALIGNED:
         col_lo = tl.program_id(1) * cols_per_prog
         col_hi = tl.minimum(col_lo + cols_per_prog, N)
         offs_m = tl.arange(0, BM)
-        m_mask = offs_m < rows_left
+        m_mask = offs_m < tl.where(live, rows_left, 0)
         rows = tl.load(sorted_rows + pos0 + offs_m, mask=m_mask, other=0)
-        if ALIGNED:
-            offs_r = tl.arange(0, R_PAD)
+        offs_r = tl.arange(0, R_PAD)
+        r_mask = offs_r < R
+        b_rows = b_ptr + w.to(tl.int64) * sbw + offs_r[:, None] * sbr
+        o_rows = out_ptr + rows.to(tl.int64)[:, None] * som
+        offs_n = col_lo + tl.arange(0, BN)
+        n_mask = offs_n < tl.where(live, col_hi, col_lo)
+        bt = tl.load(b_rows + offs_n.to(tl.int64)[None, :] * sbn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        o = tl.load(o_rows + offs_n[None, :] * son, mask=m_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if live:
             y_rows = y_ptr + rows.to(tl.int64)[:, None] * sym + offs_r[None, :]
-            y_mask = m_mask[:, None] & (offs_r[None, :] < R)
+            y_mask = m_mask[:, None] & r_mask[None, :]
             for n0 in range(col_lo, col_hi, BN):
-                offs_n = n0 + tl.arange(0, BN)
                 s = block_slice(n0, o1, o2, o3)
                 acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
                 for ks in range(0, SPLIT_K):
                     acc += tl.load(y_rows + ks * syk + s * sys, mask=y_mask, other=0.0)
-                add_block(acc.to(b_ptr.dtype.element_ty), w, rows, m_mask, offs_n,
-                          offs_n < col_hi, b_ptr, out_ptr, R, sbw, sbn, sbr, som, son,
-                          R_PAD, DOT_PREC)
-        else:
-            J: tl.constexpr = NS_PAD * R_PAD
-            offs_j = tl.arange(0, J)
-            j_slice = offs_j // R_PAD
-            j_r = offs_j % R_PAD
-            y_ptrs = (y_ptr + j_slice[None, :] * sys + rows.to(tl.int64)[:, None] * sym
-                      + j_r[None, :])
-            y_mask = m_mask[:, None] & (j_slice[None, :] < NS) & (j_r[None, :] < R)
-            acc = tl.zeros((BM, J), dtype=tl.float32)
+                d = tl.dot(acc.to(b_ptr.dtype.element_ty), bt, input_precision=DOT_PREC)
+                offs_n = n0 + tl.arange(0, BN)
+                o_mask = m_mask[:, None] & (offs_n < col_hi)[None, :]
+                tl.store(o_rows + offs_n[None, :] * son,
+                         (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=o_mask)
+                nxt = offs_n + BN
+                nx_mask = nxt < col_hi
+                bt = tl.load(b_rows + nxt.to(tl.int64)[None, :] * sbn,
+                             mask=r_mask[:, None] & nx_mask[None, :], other=0.0)
+                o = tl.load(o_rows + nxt[None, :] * son, mask=m_mask[:, None] & nx_mask[None, :],
+                            other=0.0)
+    else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if live:
+            _expand_body(y_ptr, b_ptr, out_ptr, sorted_rows, w, pos0, rows_left, N, o1, o2, o3,
+                         R, NS, SPLIT_K, cols_per_prog, syk, sys, sym, sbw, sbn, sbr, som, son,
+                         NS_PAD, R_PAD, BM, BN, ALIGNED, DOT_PREC)
+
+
+@triton.jit
+def _expand_body(
+    y_ptr, b_ptr, out_ptr, sorted_rows, w, pos0, rows_left,
+    N, o1, o2, o3, R, NS, SPLIT_K, cols_per_prog,
+    syk, sys, sym, sbw, sbn, sbr, som, son,
+    NS_PAD: tl.constexpr, R_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The expand of one live program without prefetching (loads follow the wait)."""
+    col_lo = tl.program_id(1) * cols_per_prog
+    col_hi = tl.minimum(col_lo + cols_per_prog, N)
+    offs_m = tl.arange(0, BM)
+    m_mask = offs_m < rows_left
+    rows = tl.load(sorted_rows + pos0 + offs_m, mask=m_mask, other=0)
+    if ALIGNED:
+        offs_r = tl.arange(0, R_PAD)
+        y_rows = y_ptr + rows.to(tl.int64)[:, None] * sym + offs_r[None, :]
+        y_mask = m_mask[:, None] & (offs_r[None, :] < R)
+        for n0 in range(col_lo, col_hi, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            s = block_slice(n0, o1, o2, o3)
+            acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
             for ks in range(0, SPLIT_K):
-                acc += tl.load(y_ptrs + ks * syk, mask=y_mask, other=0.0)
-            expand_tile(acc, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3,
-                        R, sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC, False)
+                acc += tl.load(y_rows + ks * syk + s * sys, mask=y_mask, other=0.0)
+            add_block(acc.to(b_ptr.dtype.element_ty), w, rows, m_mask, offs_n,
+                      offs_n < col_hi, b_ptr, out_ptr, R, sbw, sbn, sbr, som, son,
+                      R_PAD, DOT_PREC)
+    else:
+        J: tl.constexpr = NS_PAD * R_PAD
+        offs_j = tl.arange(0, J)
+        j_slice = offs_j // R_PAD
+        j_r = offs_j % R_PAD
+        y_ptrs = (y_ptr + j_slice[None, :] * sys + rows.to(tl.int64)[:, None] * sym
+                  + j_r[None, :])
+        y_mask = m_mask[:, None] & (j_slice[None, :] < NS) & (j_r[None, :] < R)
+        acc = tl.zeros((BM, J), dtype=tl.float32)
+        for ks in range(0, SPLIT_K):
+            acc += tl.load(y_ptrs + ks * syk, mask=y_mask, other=0.0)
+        expand_tile(acc, w, rows, m_mask, col_lo, col_hi, b_ptr, out_ptr, N, o1, o2, o3,
+                    R, sbw, sbn, sbr, som, son, NS_PAD, R_PAD, BN, DOT_PREC, False)

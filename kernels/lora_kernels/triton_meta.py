@@ -88,4 +88,5 @@ def build_lora_meta_triton(indices: torch.Tensor, num_weights: int) -> LoRAMeta:
         starts.zero_()
         active.fill_(-1)
         num_active.zero_()
-    return LoRAMeta(idx, sorted_rows, counts, starts, num_weights, active, num_active)
+    return LoRAMeta(idx, sorted_rows, counts, starts, num_weights, active, num_active,
+                    cum_starts=True)
