@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -11,7 +11,10 @@ and 32 adapters, rank 16, over several column-group counts G; ``v5`` is the PDL 
 split-tile set of docs/KERNELS.md v5 (→ results/kernels_candidates_v2_h100.json); ``v7``
 the short dependent-load chains (tile starts from the counts, an expand prefetching row ids,
 B and output tiles before the PDL wait) on today's tiles and a few column / K splits
-(→ results/kernels_candidates_v4_h100.json).
+(→ results/kernels_candidates_v4_h100.json); ``v8`` the per-row kernels (``config.RowConfig``)
+at few rows and split variants at 64 rows beside the v6 choice and today's heuristic, plus
+rank-64 checks of today's heuristic, with the whole GPU kernel suite
+(→ results/kernels_candidates_v5_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -70,10 +73,16 @@ ARRIVE_CASES: list[Key] = [(s, 16, t, a) for s in ("dense", "qkv_gqa")
 RESULTS = ROOT / "benchmarks" / "results"
 SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"),
         "v5": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v2_h100.json"),
-        "v7": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v4_h100.json")}
+        "v7": (MISSING, REGRESSION, RESULTS / "kernels_candidates_v4_h100.json"),
+        "v8": ([*MISSING, ("dense", 16, 16, 1), ("qkv_gqa", 16, 16, 1), ("dense", 16, 8, 32),
+                ("qkv_gqa", 16, 8, 32)],
+               [*REGRESSION, ("dense", 64, 1, 1), ("dense", 64, 64, 32), ("qkv_gqa", 64, 64, 32),
+                ("qkv_gqa", 64, 1024, 32), ("dense", 64, 1024, 32)],
+               RESULTS / "kernels_candidates_v5_h100.json")}
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
-             "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"]}
+             "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
+             "v8": ["tests/test_kernels_gpu.py"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -82,10 +91,75 @@ def _choice(key: Key) -> cfg.LinearConfig:
     return cfg.choose_linear(tokens, offs[-1], 4096, rank, len(offs) - 1, 32)
 
 
+def _legacy_split(rows: int, n: int, j: int, slices: int) -> cfg.SplitConfig | None:
+    """The split tiles of docs/KERNELS.md's final results (before v7), PDL off."""
+    if rows <= 16:
+        return S(16, 256 if j <= 64 else 64, 8 if j <= 64 else 16, 64, cfg.cdiv(n, 64))
+    if rows <= 128:
+        return S(16, 128, 8 if j <= 64 else 4, 128, 32)
+    if rows <= 512:
+        return S(16, 64, 8 if j <= 64 else 4, 128, 16)
+    if j <= 64 and (rows <= 2048 or slices > 1):
+        return S(64, 128, 4 if rows <= 2048 else 2, 128, 8, expand_warps=8)
+    return None
+
+
 def legacy_choice(key: Key) -> cfg.LinearConfig:
-    """``choose_linear`` as measured in docs/KERNELS.md's final results (PDL off)."""
-    choice = _choice(key)
-    return replace(choice, pdl=False) if isinstance(choice, cfg.SplitConfig) else choice
+    """The choice measured in docs/KERNELS.md's final results (plain split, PDL off)."""
+    shape, rank, tokens, _ = key
+    offs = SHAPES[shape]
+    slices = len(offs) - 1
+    r_pad = cfg.rank_pad(rank)
+    j = cfg.next_pow2(slices) * r_pad
+    split = _legacy_split(tokens, offs[-1], j, slices)
+    if split is None:
+        return _choice(key)  # the fused path: unchanged since
+    bk = split.bk
+    while (split.bm + j) * bk * 2 * split.stages > cfg.SMEM_BUDGET and bk > 32:
+        bk //= 2
+    return replace(split, bk=bk)
+
+
+def v6_choice(key: Key) -> cfg.LinearConfig:
+    """The choice before v7: the legacy split with PDL up to the row limits."""
+    legacy = legacy_choice(key)
+    if not isinstance(legacy, cfg.SplitConfig):
+        return legacy
+    limit = cfg.SPLIT_PDL_MAX_ROWS_1SLICE if SHAPES[key[0]][1:] == (4096,) \
+        else cfg.SPLIT_PDL_MAX_ROWS
+    return replace(legacy, pdl=key[2] <= limit)
+
+
+R = cfg.RowConfig
+
+
+def rows_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v8: the per-row kernels at few rows, and split variants at 64 rows (GQA 64/32
+    misses), beside the v6 choice and today's heuristic (v7 tiles + short chains)."""
+    _, rank, tokens, _ = key
+    out: list[tuple[str, cfg.LinearConfig | None]] = [("v6_choice", v6_choice(key))]
+    if rank != 16:
+        return out
+    if tokens <= 16:
+        out += [("rows_sk8", R(256, 8, 128, pdl=True)),
+                ("rows_sk16", R(256, 16, 128, pdl=True)),
+                ("rows_sk16_bn64", R(256, 16, 64, pdl=True)),
+                ("rows_sk16_bn256", R(256, 16, 256, pdl=True)),
+                ("rows_sk8_bk512", R(512, 8, 128, pdl=True)),
+                ("rows_sk32", R(128, 32, 128, pdl=True)),
+                ("rows_sk16_w2", R(256, 16, 128, 2, 2, pdl=True)),
+                ("rows_sk16_nopdl", R(256, 16, 128))]
+    elif tokens <= 128:
+        today = _choice(key)
+        assert isinstance(today, cfg.SplitConfig)
+        out += [("sk16", replace(today, split_k=16)),
+                ("bk64", replace(today, bk=64)),
+                ("sw8", replace(today, shrink_warps=8)),
+                ("ew8", replace(today, expand_warps=8)),
+                ("ew2", replace(today, expand_warps=2)),
+                ("st4", replace(today, stages=4)),
+                ("rows_sk16", R(256, 16, 128, pdl=True))]
+    return out
 
 
 def arrive_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
@@ -144,11 +218,18 @@ def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig 
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and (
+    if isinstance(legacy, cfg.SplitConfig) and which != "v8" and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
+    if which == "v8":
+        seen = {legacy, _choice(key)}
+        for name, config in rows_candidates(key):
+            if config is not None and config not in seen:
+                seen.add(config)
+                out.append((name, config))
+        return out
     if which == "v7":
         seen = {c if c is not None else _choice(key) for _, c in out}
         for name, config in short_candidates(key):
@@ -220,11 +301,11 @@ def main() -> None:
     tests_result: dict[str, Any] = dict(rc=None, tail="pytest not run")
     if tests is not None:
         try:
-            text, _ = tests.communicate(timeout=150)
+            text, _ = tests.communicate(timeout=300)
             tests_result = dict(rc=tests.returncode, tail=text[-3000:])
         except subprocess.TimeoutExpired:
             tests.kill()
-            tests_result = dict(rc=-1, tail="GPU tests timed out after 150 s")
+            tests_result = dict(rc=-1, tail="GPU tests timed out after 300 s")
         print(f"GPU tests rc={tests_result['rc']}: {tests_result['tail'][-400:]}", flush=True)
     bw = copy_bandwidth()
     rows = []

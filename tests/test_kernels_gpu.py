@@ -31,6 +31,7 @@ PDL_SPLIT_1K = cfg.SplitConfig(bm=64, bk=128, split_k=4, bn=128, col_splits=8, e
 # The same with the short dependent-load chains (starts from counts, prefetching expand).
 SHORT_SPLIT = replace(PDL_SPLIT, cum_starts=True, prefetch=True)
 SHORT_SPLIT_1K = replace(PDL_SPLIT_1K, cum_starts=True, prefetch=True)
+ROWS = cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
 FORCED: dict[str, cfg.LinearConfig | None] = {
     "auto": None,
     "fused": cfg.FusedConfig(bm=16, bk=128, bn=64, col_splits=8),
@@ -39,6 +40,7 @@ FORCED: dict[str, cfg.LinearConfig | None] = {
     "split_pdl_1k": PDL_SPLIT_1K,
     "split_short": SHORT_SPLIT,
     "split_short_1k": SHORT_SPLIT_1K,
+    "rows": ROWS,
 }
 
 
@@ -69,6 +71,8 @@ LINEAR_CASES = (
     + [("split_short", t, r, s, torch.bfloat16) for t in (1, 64, 300) for r in (16, 64)
        for s in SHAPES]
     + [("split_short_1k", 1024, 16, s, torch.bfloat16) for s in SHAPES]
+    + [("rows", t, r, s, torch.bfloat16) for t in (1, 8, 16) for r in (16, 64) for s in SHAPES]
+    + [("rows", 8, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
 )
 
 
@@ -215,6 +219,13 @@ def test_meta_builds_agree(rows: int) -> None:
         assert torch.equal(getattr(got, field), getattr(want, field)), field
 
 
+def _plain(config: cfg.SplitConfig | cfg.RowConfig) -> cfg.SplitConfig | cfg.RowConfig:
+    """The same tiles launched plainly (no PDL, no short chains): the same bits."""
+    if isinstance(config, cfg.RowConfig):
+        return replace(config, pdl=False)
+    return replace(config, pdl=False, cum_starts=False, prefetch=False)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("tokens", [1, 64, 700])
 def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
@@ -233,11 +244,12 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
     static_idx = idx.clone()
     n, n_cols = len(offs) - 1, offs[-1]
     chosen = cfg.choose_linear(tokens, n_cols, 4096, 16, n, 32)
-    assert isinstance(chosen, cfg.SplitConfig)
-    configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K, SHORT_SPLIT, SHORT_SPLIT_1K]
+    assert isinstance(chosen, cfg.SplitConfig | cfg.RowConfig)
+    configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K, SHORT_SPLIT, SHORT_SPLIT_1K,
+               ROWS]
     outs = [out0.clone() for _ in configs]
 
-    def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig]) -> None:
+    def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig | cfg.RowConfig]) -> None:
         meta = build_lora_meta(static_idx, 32)
         for out in dst:
             out.copy_(out0)
@@ -259,7 +271,7 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
         eager = [out0.clone() for _ in configs]
         chain(eager, configs)
         plain = [out0.clone() for _ in configs]
-        chain(plain, [replace(c, pdl=False, cum_starts=False, prefetch=False) for c in configs])
+        chain(plain, [_plain(c) for c in configs])
         torch.cuda.synchronize()
         src = x
         for layer, (out, e, p) in enumerate(zip(outs, eager, plain, strict=True)):

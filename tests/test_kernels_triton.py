@@ -41,10 +41,12 @@ VARIANTS: dict[str, tuple[int, cfg.LinearConfig | None]] = {
     # the next-block loads run; unaligned 2-slice offsets take the plain expand).
     "split_short": (16, cfg.SplitConfig(bm=16, bk=32, split_k=3, bn=16, col_splits=2, pdl=True,
                                         cum_starts=True, prefetch=True)),
+    # Per-row kernels (no sort lookup): ragged last K chunk, PDL flag (plain off Hopper).
+    "rows": (16, cfg.RowConfig(bk=32, split_k=3, bn=16, pdl=True)),
     "auto": (16, None),
 }
-_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_arrive", "triton_moe",
-                   "triton_meta", "arrive", "linear", "embedding", "moe")
+_KERNEL_MODULES = ("triton_common", "triton_linear", "triton_rows", "triton_arrive",
+                   "triton_moe", "triton_meta", "arrive", "linear", "embedding", "moe")
 
 
 def _interpreted() -> None:
@@ -286,7 +288,7 @@ def test_split_short_chains_same_bits(popularity: str, n_slices: int) -> None:
         assert torch.equal(got[idx < 0], out0[idx < 0])
 
 
-@pytest.mark.parametrize("variant", ["fused", "split", "split_pdl", "split_short"])
+@pytest.mark.parametrize("variant", ["fused", "split", "split_pdl", "split_short", "rows"])
 def test_linear_all_rows_unassigned_adds_nothing(variant: str) -> None:
     from lora_kernels import linear
 
@@ -331,7 +333,8 @@ def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS_1SLICE", 0)
         cfg.choose_linear.cache_clear()
         plain = pick(64, dense)
-        assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32)
+        assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32,
+                                        cum_starts=True, prefetch=True)
         assert with_pdl == replace(plain, pdl=True)
         assert not any(getattr(pick(rows, shape), "pdl", False)
                        for rows in (1, 64, 1024) for shape in (dense, gqa))

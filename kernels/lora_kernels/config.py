@@ -57,6 +57,20 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class RowConfig:
+    """Two launches over rows themselves (``triton_rows``), for a handful of rows: split-K
+    shrink with one program per (row, K chunk), then an expand per (row, BN block). No sort
+    lookup: a row reads its entry and x at once. ``pdl`` as in ``SplitConfig``."""
+
+    bk: int
+    split_k: int
+    bn: int
+    shrink_warps: int = 4
+    expand_warps: int = 4
+    pdl: bool = False
+
+
+@dataclass(frozen=True)
 class ArriveConfig:
     """One launch, split-K: the last K program to finish a (row tile, column group) expands it.
 
@@ -78,7 +92,7 @@ class ArriveConfig:
     stages: int = 3
 
 
-LinearConfig = FusedConfig | SplitConfig | ArriveConfig
+LinearConfig = FusedConfig | SplitConfig | RowConfig | ArriveConfig
 
 NUM_SMS_DEFAULT = 132
 
@@ -151,17 +165,23 @@ def _cols_split(n: int, cols_per_prog: int) -> int:
 
 
 def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
+    # Every split config takes the short dependent-load chains (v7: same bits, 0.80-0.97x
+    # the time at rank 16 on the H100, docs/KERNELS.md).
+    short = dict(cum_starts=True, prefetch=True)
     if rows <= 16:
         return SplitConfig(bm=16, bk=256 if j <= 64 else 64, split_k=8 if j <= 64 else 16,
-                           bn=64, col_splits=_cols_split(n, 64))
+                           bn=128, col_splits=_cols_split(n, 128), **short)
     if rows <= 128:
-        return SplitConfig(bm=16, bk=128, split_k=8 if j <= 64 else 4, bn=128, col_splits=32)
+        return SplitConfig(bm=16, bk=128, split_k=8 if j <= 64 else 4, bn=128, col_splits=32,
+                           **short)
     if rows <= 512:
-        return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16)
+        return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16,
+                           **short)
     if j <= 64 and (rows <= 2048 or slices > 1):
         # Few live tiles (one adapter: rows / 64) leave SMs idle in the shrink: split K too.
+        # The expand streams the output: 32 column ranges of 4-warp programs (v7).
         return SplitConfig(bm=64, bk=128, split_k=4 if rows <= 2048 else 2, bn=128,
-                           col_splits=8, expand_warps=8)
+                           col_splits=32, expand_warps=4, **short)
     return None
 
 

@@ -16,6 +16,7 @@ from lora_kernels import config as cfg
 from lora_kernels.arrive import launch_arrive
 from lora_kernels.meta import LoRAMeta
 from lora_kernels.triton_linear import expand_kernel, fused_lora_kernel, shrink_kernel
+from lora_kernels.triton_rows import expand_rows_kernel, shrink_rows_kernel
 
 MAX_SLICES = 4
 
@@ -63,7 +64,9 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         (default: ``config.choose_linear``); workspace: float32 with at least split_k·n·M·R
         elements for the split path (allocated when absent). A split config with
         ``pdl=True`` launches its expand programmatically on Hopper-or-newer GPUs and runs
-        as the plain split elsewhere (same arithmetic, same result). An ``ArriveConfig``
+        as the plain split elsewhere (same arithmetic, same result). A ``RowConfig`` runs
+        the per-row pair (``triton_rows``, float32 sums on CUDA cores; for a few rows),
+        with the split path's workspace. An ``ArriveConfig``
         runs the single-launch split-K kernel (``arrive.launch_arrive``): workspace then
         needs G·KP·n·M·R elements, and ``counters`` (int32, zero; default: shared per
         device) are its arrival counters, left zero.
@@ -77,6 +80,11 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
     if isinstance(config, cfg.ArriveConfig):
         launch_arrive(out, x, lora_a, lora_b, meta, slice_offsets, config, workspace, counters)
+        return
+    if isinstance(config, cfg.RowConfig):
+        _, k_progs = cfg.k_chunks(k, config.split_k, config.bk)
+        y = _split_workspace(workspace, k_progs, n, m, rank, x.device)
+        _launch_rows(out, x, lora_a, lora_b, meta, slice_offsets, y, config)
         return
     if isinstance(config, cfg.SplitConfig):
         # The partial count is the number of K programs, which may be below split_k.
@@ -103,6 +111,30 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
         BM=config.bm, BK=config.bk, BN=config.bn, EVEN_K=k % config.bk == 0,
         ALIGNED=cfg.aligned(slice_offsets, config.bn), DOT_PREC=cfg.dot_precision(x.dtype),
         num_warps=config.warps, num_stages=config.stages,
+    )
+
+
+def _launch_rows(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, meta: LoRAMeta, slice_offsets: Sequence[int],
+                 y: torch.Tensor, config: cfg.RowConfig) -> None:
+    """The per-row pair (``triton_rows``): grids M × K chunks, then M × column blocks."""
+    n, _, rank, k = lora_a.shape
+    m, n_cols = out.shape
+    per, k_progs = cfg.k_chunks(k, config.split_k, config.bk)
+    pdl = config.pdl and _pdl_capable(x.device)
+    ns_pad, r_pad = cfg.next_pow2(n), cfg.rank_pad(rank)
+    shrink_rows_kernel[(m, k_progs)](
+        x, lora_a, y, meta.indices, k, rank, n, per,
+        x.stride(0), x.stride(1), *lora_a.stride(), y.stride(0), y.stride(1), y.stride(2),
+        NS_PAD=ns_pad, R_PAD=r_pad, BK=config.bk, EVEN_K=k % per == 0, PDL=pdl,
+        num_warps=config.shrink_warps,
+    )
+    o1, o2, o3 = cfg.inner_offsets(slice_offsets, n_cols)
+    expand_rows_kernel[(m, cfg.cdiv(n_cols, config.bn))](
+        y, lora_b, out, meta.indices, n_cols, o1, o2, o3, rank, n, k_progs,
+        y.stride(0), y.stride(1), y.stride(2), *lora_b.stride(), *out.stride(),
+        NS_PAD=ns_pad, R_PAD=r_pad, BN=config.bn, ALIGNED=cfg.aligned(slice_offsets, config.bn),
+        PDL=pdl, num_warps=config.expand_warps, **({"launch_pdl": True} if pdl else {}),
     )
 
 
