@@ -315,7 +315,7 @@ def main() -> None:
         ref = torch.zeros(c.out.shape, device="cuda")
         reference.lora_linear(ref, c.x.float(), c.a.float(), c.b.float(), c.idx, c.offs)
         floor = c.floor_bytes / (bw * 1e3)
-        peer = PEER_US.get((key[0], key[2], key[3]))
+        peer = PEER_US.get((key[0], key[2], key[3])) if key[1] == 16 else None
         base_us = None
         legacy_out: torch.Tensor | None = None
         legacy = plan[key][0][1]
@@ -373,16 +373,19 @@ def print_table(results: dict[str, Any]) -> None:
     '~' / '.' the same for an arrive candidate (information only)."""
     print(f"card: {results['device']}  copy {results['copy_GBps']:.0f} GB/s  "
           f"total {results['seconds']} s")
-    print(f"{'shape':8} {'T':>5} {'ad':>3} {'candidate':14} {'us':>7} {'/legacy':>8} "
+    print(f"{'shape':8} {'T':>5} {'ad':>3} {'R':>3} {'candidate':14} {'us':>7} {'/legacy':>8} "
           f"{'floor%':>7} {'peer/2':>7} {'goal':>5} {'err':>8}  config")
-    keys = dict.fromkeys((r["shape"], r["tokens"], r["adapters"]) for r in results["rows"])
+    keys = dict.fromkeys((r["shape"], r["tokens"], r["adapters"], r["rank"])
+                         for r in results["rows"])
     for key in keys:
-        group = [r for r in results["rows"] if (r["shape"], r["tokens"], r["adapters"]) == key]
+        group = [r for r in results["rows"]
+                 if (r["shape"], r["tokens"], r["adapters"], r["rank"]) == key]
         timed = [r for r in group if "graph_us" in r and r.get("ok")]
         best = min(timed, key=lambda r: r["graph_us"]) if timed else None
         for r in group:
             if "graph_us" not in r:
-                print(f"{key[0]:8} {key[1]:>5} {key[2]:>3} {r['name']:14} error: {r['error']}")
+                print(f"{key[0]:8} {key[1]:>5} {key[2]:>3} {key[3]:>3} {r['name']:14} error: "
+                      f"{r['error']}")
                 continue
             peer = f"{r['peer_us'] / 2:7.2f}" if r["peer_us"] else "      -"
             goal = "-" if r["goal_met"] is None else ("yes" if r["goal_met"] else "no")
@@ -390,7 +393,7 @@ def print_table(results: dict[str, Any]) -> None:
             bits = {True: "=", False: "!"}.get(r.get("bit_equal_legacy"),
                                                {True: "~", False: "."}.get(
                                                    r.get("bit_equal_split"), " "))
-            print(f"{key[0]:8} {key[1]:>5} {key[2]:>3} {r['name']:13}{mark} "
+            print(f"{key[0]:8} {key[1]:>5} {key[2]:>3} {key[3]:>3} {r['name']:13}{mark} "
                   f"{r['graph_us']:7.2f} {r['vs_legacy'] or 0:8.2f} {r['pct_floor']:7.1f} "
                   f"{peer} {goal:>5} {r['rel_err']:8.1e}{bits} {r['config']}")
 

@@ -302,6 +302,31 @@ def test_linear_all_rows_unassigned_adds_nothing(variant: str) -> None:
     assert torch.equal(out, out0)
 
 
+def test_choose_linear_paths() -> None:
+    """Rank 16: the per-row pair for dense layers up to 64 rows and multi-slice ones up to
+    16 (v8, H100), the split path above; rank 64 never takes the per-row pair, and above
+    512 rows keeps the v6 split tiles without short chains (measured faster there)."""
+    cfg.choose_linear.cache_clear()
+
+    def pick(rows: int, n: int, slices: int, rank: int = 16) -> cfg.LinearConfig:
+        return cfg.choose_linear(rows, n, 4096, rank, slices, 32)
+
+    assert pick(1, 4096, 1) == cfg.RowConfig(bk=512, split_k=8, bn=128, pdl=True)
+    assert pick(64, 4096, 1) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+    assert isinstance(pick(65, 4096, 1), cfg.SplitConfig)
+    assert pick(1, 6144, 3) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+    assert pick(16, 6144, 3) == cfg.RowConfig(bk=256, split_k=8, bn=128, pdl=True)
+    assert isinstance(pick(17, 6144, 3), cfg.SplitConfig)
+    assert all(isinstance(pick(r, n, s, rank=64), cfg.SplitConfig)
+               for r in (1, 16, 64) for n, s in ((4096, 1), (6144, 3)))
+    r64 = pick(1024, 4096, 1, rank=64)
+    assert isinstance(r64, cfg.SplitConfig)
+    assert (r64.col_splits, r64.expand_warps, r64.cum_starts, r64.prefetch) == (8, 8, False, False)
+    r16 = pick(1024, 4096, 1)
+    assert isinstance(r16, cfg.SplitConfig)
+    assert (r16.col_splits, r16.expand_warps, r16.cum_starts, r16.prefetch) == (32, 4, True, True)
+
+
 def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The split path gets PDL up to SPLIT_PDL_MAX_ROWS rows on multi-slice layers and
     SPLIT_PDL_MAX_ROWS_1SLICE rows on single-slice ones (the H100 measurement in
@@ -328,14 +353,15 @@ def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         # Rank 64 keeps the flag with the K tile shrunk to fit shared memory.
         r64 = pick(64, gqa, rank=64)
         assert isinstance(r64, cfg.SplitConfig) and r64.pdl and r64.bk == 64
-        with_pdl = pick(64, dense)
+        with_pdl, rows_pdl = pick(128, dense), pick(64, dense)
         monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS", 0)
         monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS_1SLICE", 0)
         cfg.choose_linear.cache_clear()
-        plain = pick(64, dense)
+        plain = pick(128, dense)
         assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32,
                                         cum_starts=True, prefetch=True)
         assert with_pdl == replace(plain, pdl=True)
+        assert rows_pdl == replace(pick(64, dense), pdl=True)
         assert not any(getattr(pick(rows, shape), "pdl", False)
                        for rows in (1, 64, 1024) for shape in (dense, gqa))
     finally:

@@ -164,9 +164,28 @@ def _cols_split(n: int, cols_per_prog: int) -> int:
     return max(1, cdiv(n, cols_per_prog))
 
 
-def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
-    # Every split config takes the short dependent-load chains (v7: same bits, 0.80-0.97x
-    # the time at rank 16 on the H100, docs/KERNELS.md).
+def _choose_rows(rows: int, r_pad: int, slices: int) -> RowConfig | None:
+    """The per-row pair where it measured fastest (v8, rank 16 on the H100): dense up to 64
+    rows (1/1: 3.34 µs vs 4.72 split; 64/32: 6.39 vs 7.69), multi-slice up to 16 rows
+    (1/1: 4.09 vs 5.17; 16/32: 6.01 vs 6.62; at 64/32 it loses, 11.97 vs 10.59)."""
+    if r_pad != 16:
+        return None  # rank 64: not measured, the split path stays
+    if slices == 1:
+        if rows <= 16:
+            return RowConfig(bk=512, split_k=8, bn=128, pdl=True)
+        if rows <= 64:
+            return RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+        return None
+    if rows == 1:
+        return RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+    if rows <= 16:
+        return RowConfig(bk=256, split_k=8, bn=128, pdl=True)
+    return None
+
+
+def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitConfig | None:
+    # Split configs take the short dependent-load chains (v7: same bits, 0.80-0.97x the
+    # time at rank 16 on the H100, docs/KERNELS.md).
     short = dict(cum_starts=True, prefetch=True)
     if rows <= 16:
         return SplitConfig(bm=16, bk=256 if j <= 64 else 64, split_k=8 if j <= 64 else 16,
@@ -179,18 +198,25 @@ def _choose_split(rows: int, n: int, j: int, slices: int) -> SplitConfig | None:
                            **short)
     if j <= 64 and (rows <= 2048 or slices > 1):
         # Few live tiles (one adapter: rows / 64) leave SMs idle in the shrink: split K too.
-        # The expand streams the output: 32 column ranges of 4-warp programs (v7).
-        return SplitConfig(bm=64, bk=128, split_k=4 if rows <= 2048 else 2, bn=128,
-                           col_splits=32, expand_warps=4, **short)
+        # The expand streams the output: 32 column ranges of 4-warp programs (v7, rank 16;
+        # rank 64 measured 1.23x slower with them at dense 1024/32 and keeps the v6 tiles).
+        split_k = 4 if rows <= 2048 else 2
+        if r_pad > 16:
+            return SplitConfig(bm=64, bk=128, split_k=split_k, bn=128, col_splits=8,
+                               expand_warps=8)
+        return SplitConfig(bm=64, bk=128, split_k=split_k, bn=128, col_splits=32,
+                           expand_warps=4, **short)
     return None
 
 
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
                   num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
-    """Pick the fused or the split path and its tiles for one LoRA linear shape.
+    """Pick the per-row, split or fused path and its tiles for one LoRA linear shape.
 
-    From the H100 sweeps (docs/KERNELS.md): up to ~2k rows the split path wins, because a
+    From the H100 sweeps (docs/KERNELS.md): at a handful of rows (rank 16) the per-row
+    pair wins, its only dependent load before the weights being the row's entry; up to
+    ~2k rows the split path wins, because a
     fused program must read a whole A[w] (n·R·K elements) by itself while split-K spreads
     that read over many programs and the expand then streams the output with small y
     tiles; at 4k rows the fused path, which never writes y, wins for single-slice layers
@@ -200,9 +226,12 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     """
     r_pad = rank_pad(rank)
     j = next_pow2(slices) * r_pad
-    split = _choose_split(rows, n, j, slices)
-    if split is not None and rows <= (SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1
-                                      else SPLIT_PDL_MAX_ROWS):
+    pdl_limit = SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1 else SPLIT_PDL_MAX_ROWS
+    row_config = _choose_rows(rows, r_pad, slices)
+    if row_config is not None:
+        return replace(row_config, pdl=rows <= pdl_limit)
+    split = _choose_split(rows, n, j, slices, r_pad)
+    if split is not None and rows <= pdl_limit:
         split = replace(split, pdl=True)
     if split is not None:
         # Large ranks: shrink the K tile until the pipelined x and A tiles fit.
