@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -14,7 +14,8 @@ B and output tiles before the PDL wait) on today's tiles and a few column / K sp
 (→ results/kernels_candidates_v4_h100.json); ``v8`` the per-row kernels (``config.RowConfig``)
 at few rows and split variants at 64 rows beside the v6 choice and today's heuristic, plus
 rank-64 checks of today's heuristic, with the whole GPU kernel suite
-(→ results/kernels_candidates_v5_h100.json).
+(→ results/kernels_candidates_v5_h100.json); ``v9`` split tiles around today's at 32-128 rows
+(the GQA 64/32 miss; → results/kernels_candidates_v6_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -79,10 +80,13 @@ SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"
                [*REGRESSION, ("dense", 64, 1, 1), ("dense", 64, 64, 32), ("qkv_gqa", 64, 64, 32),
                 ("qkv_gqa", 64, 1024, 32), ("dense", 64, 1024, 32)],
                RESULTS / "kernels_candidates_v5_h100.json")}
+GQA64: list[Key] = [("qkv_gqa", 16, 64, 32), ("qkv_gqa", 16, 128, 32), ("qkv_gqa", 16, 32, 32)]
+SETS["v9"] = (GQA64, [("dense", 16, 128, 32)], RESULTS / "kernels_candidates_v6_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
-             "v8": ["tests/test_kernels_gpu.py"]}
+             "v8": ["tests/test_kernels_gpu.py"],
+             "v9": ["tests/test_kernels_gpu.py", "-k", "short or rows"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -213,19 +217,40 @@ def short_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     return out
 
 
+def tile_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v9: split tiles around today's at 32-128 rows (the GQA 64/32 miss): K tile and
+    split, expand warps, pipeline stages and column ranges, alone and combined."""
+    today = _choice(key)
+    if not isinstance(today, cfg.SplitConfig):
+        return [("split_c32", S(16, 128, 8, 128, 32, pdl=True, cum_starts=True, prefetch=True))]
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    for bk, sk in ((64, 8), (128, 4), (64, 4), (64, 16), (256, 4)):
+        out.append((f"bk{bk}_sk{sk}", replace(today, bk=bk, split_k=sk)))
+    out += [("bk64_ew2", replace(today, bk=64, expand_warps=2)),
+            ("bk64_ew2_st4", replace(today, bk=64, expand_warps=2, stages=4)),
+            ("bk64_sk4_ew2", replace(today, bk=64, split_k=4, expand_warps=2)),
+            ("c12", replace(today, col_splits=12)),
+            ("c12_ew2", replace(today, col_splits=12, expand_warps=2)),
+            ("bk64_c12_ew2", replace(today, bk=64, col_splits=12, expand_warps=2)),
+            ("sw2", replace(today, shrink_warps=2)),
+            ("bk64_sw2_ew2", replace(today, bk=64, shrink_warps=2, expand_warps=2))]
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which != "v8" and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which == "v8":
+    if which in ("v8", "v9"):
         seen = {legacy, _choice(key)}
-        for name, config in rows_candidates(key):
+        extra = rows_candidates(key) if which == "v8" else tile_candidates(key)
+        for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)
                 out.append((name, config))
