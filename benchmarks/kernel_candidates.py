@@ -81,7 +81,8 @@ SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"
                 ("qkv_gqa", 64, 1024, 32), ("dense", 64, 1024, 32)],
                RESULTS / "kernels_candidates_v5_h100.json")}
 GQA64: list[Key] = [("qkv_gqa", 16, 64, 32), ("qkv_gqa", 16, 128, 32), ("qkv_gqa", 16, 32, 32)]
-SETS["v9"] = (GQA64, [("dense", 16, 128, 32)], RESULTS / "kernels_candidates_v6_h100.json")
+SETS["v9"] = (GQA64, [("dense", 16, 128, 32), ("dense", 16, 64, 32)],
+              RESULTS / "kernels_candidates_v6_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
@@ -233,7 +234,16 @@ def tile_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
             ("c12_ew2", replace(today, col_splits=12, expand_warps=2)),
             ("bk64_c12_ew2", replace(today, bk=64, col_splits=12, expand_warps=2)),
             ("sw2", replace(today, shrink_warps=2)),
-            ("bk64_sw2_ew2", replace(today, bk=64, shrink_warps=2, expand_warps=2))]
+            ("bk64_sw2_ew2", replace(today, bk=64, shrink_warps=2, expand_warps=2)),
+            # second round around the best of the first (2-warp shrink programs)
+            ("sw1", replace(today, shrink_warps=1)),
+            ("sw2_ew2", replace(today, shrink_warps=2, expand_warps=2)),
+            ("sw2_st4", replace(today, shrink_warps=2, stages=4)),
+            ("sw2_st2", replace(today, shrink_warps=2, stages=2)),
+            ("sw2_bk256_sk4", replace(today, bk=256, split_k=4, shrink_warps=2)),
+            ("sw2_bk256_sk8", replace(today, bk=256, split_k=8, shrink_warps=2)),
+            ("sw1_bk256_sk8", replace(today, bk=256, split_k=8, shrink_warps=1)),
+            ("sw2_sk16", replace(today, split_k=16, shrink_warps=2))]
     return out
 
 
