@@ -316,7 +316,9 @@ def test_choose_linear_paths() -> None:
     assert isinstance(pick(65, 4096, 1), cfg.SplitConfig)
     assert pick(1, 6144, 3) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
     assert pick(16, 6144, 3) == cfg.RowConfig(bk=256, split_k=8, bn=128, pdl=True)
-    assert isinstance(pick(17, 6144, 3), cfg.SplitConfig)
+    gqa64 = pick(64, 6144, 3)
+    assert isinstance(gqa64, cfg.SplitConfig)
+    assert (gqa64.shrink_warps, gqa64.expand_warps) == (2, 4)
     assert all(isinstance(pick(r, n, s, rank=64), cfg.SplitConfig)
                for r in (1, 16, 64) for n, s in ((4096, 1), (6144, 3)))
     r64 = pick(1024, 4096, 1, rank=64)
@@ -359,7 +361,8 @@ def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         cfg.choose_linear.cache_clear()
         plain = pick(128, dense)
         assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32,
-                                        cum_starts=True, prefetch=True)
+                                        shrink_warps=2, expand_warps=2, cum_starts=True,
+                                        prefetch=True)
         assert with_pdl == replace(plain, pdl=True)
         assert rows_pdl == replace(pick(64, dense), pdl=True)
         assert not any(getattr(pick(rows, shape), "pdl", False)
