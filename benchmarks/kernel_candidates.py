@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -15,7 +15,8 @@ B and output tiles before the PDL wait) on today's tiles and a few column / K sp
 at few rows and split variants at 64 rows beside the v6 choice and today's heuristic, plus
 rank-64 checks of today's heuristic, with the whole GPU kernel suite
 (→ results/kernels_candidates_v5_h100.json); ``v9`` split tiles around today's at 32-128 rows
-(the GQA 64/32 miss; → results/kernels_candidates_v6_h100.json).
+(the GQA 64/32 miss; → results/kernels_candidates_v6_h100.json); ``v10`` tiles for steps with
+one or eight distinct adapters (→ results/kernels_candidates_v7_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -66,7 +67,14 @@ PEER_US = {("dense", 1, 1): 8.42, ("dense", 16, 32): 12.01, ("dense", 64, 32): 1
            ("dense", 4096, 32): 122.49, ("qkv_gqa", 1, 1): 12.97, ("qkv_gqa", 16, 32): 15.81,
            ("qkv_gqa", 64, 32): 19.81, ("qkv_gqa", 256, 32): 27.85,
            ("qkv_gqa", 1024, 1): 44.99, ("qkv_gqa", 1024, 32): 76.16,
-           ("qkv_gqa", 4096, 32): 280.71}
+           ("qkv_gqa", 4096, 32): 280.71,
+           # one- and eight-adapter rows (the same anchors; v10 below)
+           ("dense", 16, 1): 6.98, ("dense", 16, 8): 9.29, ("dense", 64, 1): 7.34,
+           ("dense", 64, 8): 9.62, ("dense", 256, 1): 11.13, ("dense", 256, 8): 13.80,
+           ("dense", 1024, 8): 21.68, ("dense", 4096, 1): 54.13, ("dense", 4096, 8): 68.75,
+           ("qkv_gqa", 16, 1): 11.55, ("qkv_gqa", 16, 8): 14.94, ("qkv_gqa", 64, 1): 12.82,
+           ("qkv_gqa", 64, 8): 17.81, ("qkv_gqa", 256, 1): 19.35, ("qkv_gqa", 256, 8): 31.31,
+           ("qkv_gqa", 1024, 8): 77.39}
 S = cfg.SplitConfig
 A = cfg.ArriveConfig
 ARRIVE_CASES: list[Key] = [(s, 16, t, a) for s in ("dense", "qkv_gqa")
@@ -83,11 +91,17 @@ SETS = {"arrive": (ARRIVE_CASES, [], RESULTS / "kernels_candidates_v3_h100.json"
 GQA64: list[Key] = [("qkv_gqa", 16, 64, 32), ("qkv_gqa", 16, 128, 32), ("qkv_gqa", 16, 32, 32)]
 SETS["v9"] = (GQA64, [("dense", 16, 128, 32), ("dense", 16, 64, 32)],
               RESULTS / "kernels_candidates_v6_h100.json")
+# v10: tiles for steps whose rows hold few distinct adapters (one or eight of 32 slots).
+FEW: list[Key] = [("dense", 16, t, a) for t in (16, 64, 256, 1024) for a in (1, 8)] + [
+    ("dense", 16, 4096, 8)] + [("qkv_gqa", 16, t, a) for t in (16, 64, 256, 1024)
+                               for a in (1, 8)]
+SETS["v10"] = (FEW, [], RESULTS / "kernels_candidates_v7_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
              "v8": ["tests/test_kernels_gpu.py"],
-             "v9": ["tests/test_kernels_gpu.py", "-k", "short or rows"]}
+             "v9": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
+             "v10": ["tests/test_kernels_gpu.py", "-k", "short or rows"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -247,19 +261,60 @@ def tile_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     return out
 
 
+F = cfg.FusedConfig
+
+
+def few_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v10: tiles for few distinct adapters — many rows per adapter, so taller row tiles
+    (16 … 128 rows) and more K programs per tile, the per-row pair at ≤ 64 rows, and the
+    fused path, beside today's choice (tuned for 32 adapters)."""
+    shape, _, tokens, _ = key
+    slices = len(SHAPES[shape]) - 1
+    limit = cfg.SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1 else cfg.SPLIT_PDL_MAX_ROWS
+    short = dict(cum_starts=True, prefetch=True, pdl=tokens <= limit)
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    if tokens <= 64:
+        out += [("rows_sk16", R(256, 16, 128, pdl=True)), ("rows_sk8", R(512, 8, 128, pdl=True)),
+                ("rows_sk32", R(128, 32, 128, pdl=True)),
+                ("rows_sk16_bn64", R(256, 16, 64, pdl=True)),
+                ("rows_sk16_w2", R(256, 16, 128, 2, 2, pdl=True))]
+        for bm in (16, 32, 64):
+            if bm > tokens:
+                continue
+            out += [(f"bm{bm}_sk8", S(bm, 128, 8, 128, 32, 2, 2, **short)),
+                    (f"bm{bm}_sk16", S(bm, 128, 16, 128, 32, 2, 2, **short)),
+                    (f"bm{bm}_sk16_bk256", S(bm, 256, 16, 128, 32, 4, 4, **short)),
+                    (f"bm{bm}_sk32_bk64", S(bm, 64, 32, 128, 32, 2, 2, **short)),
+                    (f"bm{bm}_sk16_c64", S(bm, 128, 16, 64, 64, 2, 2, **short))]
+        return out
+    for bm in (32, 64, 128):
+        ew = 8 if bm == 128 else 4
+        out += [(f"bm{bm}_sk4", S(bm, 128, 4, 128, 32, 4, ew, **short)),
+                (f"bm{bm}_sk8", S(bm, 128, 8, 128, 32, 4, ew, **short)),
+                (f"bm{bm}_sk16_bk64", S(bm, 64, 16, 128, 32, 4, ew, **short)),
+                (f"bm{bm}_sk8_c16", S(bm, 128, 8, 128, 16, 4, ew, **short))]
+    out += [("fused_64", F(64, 64, 128, 4, 4, 4)), ("fused_32", F(32, 128, 128, 4, 4, 3)),
+            ("fused_128", F(128, 64, 128, 2, 8, 3))]
+    if tokens >= 1024:
+        out += [("bm128_sk2", S(128, 128, 2, 128, 32, 8, 8, **short)),
+                ("bm64_sk2", S(64, 128, 2, 128, 32, 4, 4, **short))]
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9"):
+    if which in ("v8", "v9", "v10"):
         seen = {legacy, _choice(key)}
-        extra = rows_candidates(key) if which == "v8" else tile_candidates(key)
+        extra = {"v8": rows_candidates, "v9": tile_candidates,
+                 "v10": few_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)

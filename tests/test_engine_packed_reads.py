@@ -32,7 +32,7 @@ def _read(reads: PackedReads, path: Path, spec, parallel: ParallelInfo, dtype: t
     """What the rank does: the recipe when there is one, else the general read that teaches it."""
     got = reads.read(str(path), "x", 1)
     if not isinstance(got, ReadMiss):
-        return got[0]
+        return got.weights
     loaded = load_adapter(path, spec, parallel, name="x", max_lora_rank=RANK, plan=got.plan)
     packed = AdapterWeights("x", 1, loaded.weights.rank,
                             slot_ready(loaded.weights.modules, dtype, pin=False))
@@ -86,7 +86,7 @@ def test_recipe_reads_equal_the_general_path_bit_for_bit(case: str, fixture_cach
     for twin in twins[1:]:
         got = reads.read(str(twin), "x", 1)
         assert not isinstance(got, ReadMiss)
-        weights, breakdown = got
+        weights, breakdown = got.weights, got.breakdown
         _assert_bit_equal(weights, _general(twin, spec, ParallelInfo(), dtype))
         assert set(breakdown) >= {"read", "validate", "convert"}
     assert reads.stats()["hits"] == 2
@@ -167,3 +167,32 @@ def test_recipes_stay_under_their_memory_bound(fixture_cache) -> None:
     assert bounded.stats()["recipes"] == 1 and bounded.stats()["bytes"] <= one + 16
     assert isinstance(bounded.read(str(small[1]), "x", 1), ReadMiss)  # pushed out
     assert not isinstance(bounded.read(str(other[1]), "x", 1), ReadMiss)
+
+
+def test_hits_carry_the_slot_plan_and_other_layouts_take_the_general_checks(
+        fixture_cache, tmp_path: Path) -> None:
+    """A hit returns what ``learn`` was given as the slot plan; an adapter in PEFT's
+    subfolder layout (no files at the top) is still a hit, through the general lookup."""
+    model_dir = fixture_cache.model("qwen3_moe")
+    spec = load_model_spec(model_dir)
+    first, second, third = (fixture_cache.adapter(model_dir, name=f"sp-{s}",
+                                                  targets=["attention"], r=4, seed=s)
+                            for s in (1, 2, 3))
+    reads = PackedReads(PlanCache(spec, max_lora_rank=RANK), spec, ParallelInfo(),
+                        dtype=torch.float32, pin=False)
+    miss = reads.read(str(first), "x", 1)
+    assert isinstance(miss, ReadMiss)
+    loaded = load_adapter(first, spec, ParallelInfo(), name="x", max_lora_rank=RANK,
+                          plan=miss.plan)
+    packed = AdapterWeights("x", 1, loaded.weights.rank,
+                            slot_ready(loaded.weights.modules, torch.float32, pin=False))
+    marker = object()
+    reads.learn(miss, loaded, packed, marker)
+    got = reads.read(str(second), "x", 1)
+    assert not isinstance(got, ReadMiss) and got.slot_plan is marker
+    nested = tmp_path / "root"
+    shutil.copytree(third, nested / "tenant-a")
+    got = reads.read(str(nested), "tenant-a", 1)
+    assert not isinstance(got, ReadMiss) and got.slot_plan is marker
+    _assert_bit_equal(got.weights, _general(third, spec, ParallelInfo(), torch.float32))
+    assert reads.stats()["hits"] == 2

@@ -215,3 +215,88 @@ def test_entries_of_one_structure_replay_the_plan_of_the_first(fixture_cache, st
     model.set_lora_slot(0, raws[1])  # per-module writers
     for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
         assert torch.equal(want, got)
+
+
+def test_prepare_as_replays_a_template_without_validating_again(fixture_cache, monkeypatch):
+    """``prepare_as`` (an entry laid out like a prepared one: a read recipe's pages) skips
+    validation and builds the very plan a full ``prepare`` would; an entry in another number
+    of storages than the template's is prepared in full."""
+    model_dir = fixture_cache.model("qwen3_moe_dense_layers")
+    model = load_model(model_dir, max_loras=2, max_lora_rank=R)
+    table = model.slot_table
+    assert table is not None
+    kw = ADAPTERS["ragged"]
+    raws = [shard_adapter(build_adapter(model_dir, **{**kw, "seed": seed}).modules, model.spec,
+                          ParallelInfo(), name=f"r{seed}") for seed in (4, 9, 11)]
+    first, second = (entry(w, torch.float32, page_bytes=16 << 10) for w in raws[:2])
+    assert table.template_of(first) is None  # not prepared yet
+    table.prepare(first)
+    template = table.template_of(first)
+    assert template is not None and template.storages > 1
+    checks: list[str] = []
+    real = table._check
+    monkeypatch.setattr(table, "_check", lambda w: checks.append(w.name) or real(w))
+    table.prepare_as(second, template)
+    assert checks == []
+    fresh = table._plan(real(second), table._plans[id(second)].fingerprint)
+    assert _same_plan(table._plans[id(second)], fresh)
+    model.set_lora_slot(1, second)
+    assert checks == []  # the kept plan serves the write
+    model.set_lora_slot(0, raws[1])  # per-module writers
+    for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
+        assert torch.equal(want, got)
+    # One page instead of several: not the template's layout, validated and planned in full.
+    checks.clear()
+    third = entry(raws[2], torch.float32)
+    table.prepare_as(third, template)
+    assert checks == ["r11"]
+    model.set_lora_slot(1, third)
+    model.set_lora_slot(0, raws[2])
+    for want, got in zip(slot_state(model, 0), slot_state(model, 1)):
+        assert torch.equal(want, got)
+
+
+def test_a_slot_rewritten_by_an_entry_of_the_same_coverage_skips_known_zeros(fixture_cache):
+    """A planned write zeroes what its entry leaves uncovered only when the slot may hold
+    something there: after a clear, or after an entry that covered it. Whatever the order
+    of writes, the slot's bytes equal those of the same entry written into a cleared slot."""
+    model_dir = fixture_cache.model("qwen3_moe_dense_layers")
+    model = load_model(model_dir, max_loras=2, max_lora_rank=R)
+    fresh = load_model(model_dir, max_loras=2, max_lora_rank=R)
+    table = model.slot_table
+    assert table is not None
+    zeroed: list[int] = []
+    real_run = table.transfer.run
+
+    def run(plan, dsts, zero_dense, zero_strided):
+        zeroed.append(len(zero_dense) + len(zero_strided))
+        real_run(plan, dsts, zero_dense, zero_strided)
+
+    table.transfer.run = run  # type: ignore[method-assign]
+
+    def make(name: str, seed: int, **kw) -> AdapterWeights:
+        raw = shard_adapter(build_adapter(model_dir, seed=seed, **kw).modules, model.spec,
+                            ParallelInfo(), name=name)
+        return entry(raw, torch.float32)
+
+    attn = [make(f"a{s}", s, targets=["attention"], r=4) for s in (1, 2, 3)]
+    full = make("full", **ADAPTERS["full"])
+    ragged = make("ragged", **ADAPTERS["ragged"])
+    order = [attn[0], attn[1], full, attn[2], attn[0], ragged, attn[1], attn[2]]
+    for i, weights in enumerate(order):
+        model.set_lora_slot(1, weights)
+        fresh.clear_lora_slot(0)
+        fresh.set_lora_slot(0, weights)
+        for want, got in zip(slot_state(fresh, 0), slot_state(model, 1)):
+            assert torch.equal(want, got), (i, weights.name)
+    # a1 after a0 and a2 after a1: same zero lists, nothing zeroed; after full / ragged
+    # (other coverage) the attention entries zero again.
+    assert zeroed[1] == 0 and zeroed[7] == 0
+    assert zeroed[0] > 0 and zeroed[3] > 0 and zeroed[6] > 0
+    model.clear_lora_slot(1)  # a clear leaves everything zero: no zeroing after it
+    model.set_lora_slot(1, attn[0])
+    assert zeroed[-1] == 0
+    fresh.clear_lora_slot(0)
+    fresh.set_lora_slot(0, attn[0])
+    for want, got in zip(slot_state(fresh, 0), slot_state(model, 1)):
+        assert torch.equal(want, got)

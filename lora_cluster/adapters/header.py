@@ -39,7 +39,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 _CODE_OF = {dt: code for code, (dt, _) in DTYPES.items()}
 _ITEMSIZE = {code: size for code, (_, size) in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +168,7 @@ def read_safetensors_header(path: str | Path) -> tuple[str, bytes, int]:
                 raise AdapterFormatError(f"{p}: not a safetensors file ({size} bytes, no header)",
                                          file=p)
             (length,) = struct.unpack("<Q", head)
-            if length > _MAX_HEADER or length > size - 8:
+            if length > MAX_HEADER_BYTES or length > size - 8:
                 raise AdapterFormatError(
                     f"{p}: corrupt safetensors header: declares {length} header bytes but the file "
                     f"has {size - 8} after the length field (truncated or not safetensors)",

@@ -63,6 +63,12 @@ class PlanCache:
         self.hits = 0
         self.misses = 0
 
+    def content_key(self, config_bytes: bytes, header: bytes) -> bytes:
+        """The key of a plan: a digest of the config bytes, the raw safetensors header bytes
+        and this cache's rank limit (equal keys, equal validation outcome)."""
+        return hashlib.blake2b(b"%d\0%d\0" % (len(config_bytes), self.max_lora_rank)
+                               + config_bytes + header, digest_size=20).digest()
+
     def inspect(self, adapter_dir: str | Path, *, subfolder: str | None = None,
                 stats: LoadStats | None = None) -> AdapterPlan:
         """``loader.inspect_adapter`` for this cache's model and rank limit, reusing the plan
@@ -84,8 +90,7 @@ class PlanCache:
             except OSError:
                 return self._full(adapter_dir, subfolder, stats), None  # its typed error
             path, raw, size = read_safetensors_header(files.weights)
-        key = hashlib.blake2b(b"%d\0%d\0" % (len(config_bytes), self.max_lora_rank)
-                              + config_bytes + raw, digest_size=20).digest()
+        key = self.content_key(config_bytes, raw)
         with self._lock:
             cached = self._plans.get(key)
             if cached is not None:

@@ -7,13 +7,19 @@ packed into one page) is a fixed rearrangement of the file's data section: page 
 is data element ``src[i]`` times ``mult[i]`` (the module's scaling on B, 1 elsewhere). So
 after the first adapter of a structure has been read the general way, later ones are:
 
-    plan  = PlanCache.inspect_keyed(dir)          # config + header re-read; file size checked
-    data  = the file's data section (one readinto)
+    key   = digest(config bytes, header bytes)    # both re-read: the recipe's key
+    data  = the file's data section (same open file; its size checked against the header's)
     page  = data[src] (· mult, in float32 when the model is not) → model dtype
     views = the first adapter's (offset, shape, stride) of every A and B, on the new page
 
 instead of one tensor view per A/B, a pack per module and a fold per B (cpu-tiny: ~0.5 ms a
-read → ~0.1 ms). ``src`` and ``mult`` are learnt by replaying the first adapter's page views
+read → ~0.1 ms). A hit opens the two files at the adapter directory's top (PEFT's default
+layout) and reads the weights file once; any other layout, a missing or malformed file, or a
+data section shorter than the header says goes the way of a miss (``PlanCache.inspect_keyed``
+and the general checks), so every error is the general path's typed one. The recipe also
+keeps the slot table's plan template of its first page (``slot_plan``): every page a recipe
+builds has that page's geometry, so the rank plans it from the template without validating
+the same shapes again (``LoRASlotTable.prepare_as``). ``src`` and ``mult`` are learnt by replaying the first adapter's page views
 over index tensors, and a recipe is kept only if applying it to that same file gives the
 general path's page bit for bit; a structure it cannot describe (TP slices, expert layouts,
 several pages, mixed dtypes, a recipe over the memory bound) keeps the general path.
@@ -23,15 +29,21 @@ recipes and ``max_bytes`` of them, least recently used first out.
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from lora_cluster.adapters.header import DTYPES
+from lora_cluster.adapters.config import CONFIG_FILE
+from lora_cluster.adapters.header import DTYPES, MAX_HEADER_BYTES
+from lora_cluster.adapters.layout import SAFETENSORS_FILE
 from lora_cluster.adapters.loader import LoadedAdapter, LoadStats, whole_tensor_sources
 from lora_cluster.adapters.plan import AdapterPlan
 from lora_cluster.adapters.plan_cache import PlanCache
@@ -60,11 +72,24 @@ class _Recipe:
     file_dtype: torch.dtype
     views: tuple[tuple[ModuleKey, View, View], ...]  # per module, in load order: A, B
     rank: int
+    data_start: int  # where the data section begins in the file (8 + header length)
+    data_end: int  # its bytes the tensors use (the header's largest end offset)
+    slot_plan: Any = None  # the slot table's plan template of these pages (opaque here)
 
     @property
     def nbytes(self) -> int:
         extra = 0 if self.mult is None else self.mult.numel() * self.mult.element_size()
         return self.src.numel() * self.src.element_size() + extra
+
+
+@dataclass(frozen=True)
+class PackedRead:
+    """A recipe hit: the slot-ready weights, where the time went (ms by phase), and the
+    recipe's ``slot_plan`` (what ``learn`` was given; None if nothing)."""
+
+    weights: AdapterWeights
+    breakdown: dict[str, float]
+    slot_plan: Any = None
 
 
 @dataclass(frozen=True)
@@ -91,37 +116,84 @@ class PackedReads:
         self.learnt = 0
         self.refused = 0
 
-    def read(self, path: str, name: str, version: int
-             ) -> tuple[AdapterWeights, dict[str, float]] | ReadMiss:
-        """Slot-ready weights and where the time went, or a ``ReadMiss`` to read in full."""
+    def read(self, path: str, name: str, version: int) -> PackedRead | ReadMiss:
+        """Slot-ready weights through a recipe, or a ``ReadMiss`` to read in full."""
         stats = LoadStats()
-        plan, key = self.plans.inspect_keyed(path, subfolder=name, stats=stats)
+        hit = self._read_direct(path, stats)
+        if hit is None:  # not the plain layout, a broken file, or no recipe: the general checks
+            plan, key = self.plans.inspect_keyed(path, subfolder=name, stats=stats)
+            with self._lock:
+                recipe = self._recipes.get(key) if key is not None else None
+                if recipe is not None:
+                    self._recipes.move_to_end(key)  # type: ignore[arg-type]
+            if recipe is None:
+                return ReadMiss(plan, key, stats)
+            t0 = time.perf_counter()
+            hit = recipe, _data_section(plan, recipe.file_dtype)
+            stats.read_ms += (time.perf_counter() - t0) * 1e3
+        recipe, data = hit
         with self._lock:
-            recipe = self._recipes.get(key) if key is not None else None
-            if recipe is not None:
-                self._recipes.move_to_end(key)  # type: ignore[arg-type]
-                self.hits += 1
-        if recipe is None:
-            return ReadMiss(plan, key, stats)
-        t0 = time.perf_counter()
-        data = _data_section(plan, recipe.file_dtype)
+            self.hits += 1
         t1 = time.perf_counter()
         weights = AdapterWeights(name, version, recipe.rank, self._assemble(recipe, data))
         t2 = time.perf_counter()
         breakdown = dict(stats.breakdown())
-        breakdown["read"] += (t1 - t0) * 1e3
         breakdown["pin" if self.pin else "convert"] = (t2 - t1) * 1e3
-        return weights, breakdown
+        return PackedRead(weights, breakdown, recipe.slot_plan)
 
-    def learn(self, miss: ReadMiss, loaded: LoadedAdapter, packed: AdapterWeights) -> None:
+    def _read_direct(self, path: str, stats: LoadStats
+                     ) -> tuple[_Recipe, torch.Tensor] | None:
+        """A recipe hit read with one open of each file at the top of ``path``: (recipe, data
+        section) — or None for the general path to take over (and raise its typed errors)."""
+        t0 = time.perf_counter()
+        root = Path(path)
+        try:
+            with open(root / CONFIG_FILE, "rb") as f:
+                config_bytes = f.read()
+            with open(root / SAFETENSORS_FILE, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                (length,) = struct.unpack("<Q", head)
+                if length > MAX_HEADER_BYTES or length > size - 8:
+                    return None
+                raw = f.read(length)
+                if len(raw) != length:
+                    return None
+                key = self.plans.content_key(config_bytes, raw)
+                with self._lock:
+                    recipe = self._recipes.get(key)
+                    if recipe is not None:
+                        self._recipes.move_to_end(key)
+                if recipe is None or recipe.data_start != 8 + length \
+                        or size - recipe.data_start < recipe.data_end:
+                    return None
+                buf = np.empty(recipe.data_end, dtype=np.uint8)
+                got = f.readinto(buf.data) or 0
+                while 0 < got < recipe.data_end:
+                    more = f.readinto(buf.data[got:])
+                    if not more:
+                        return None
+                    got += more
+        except OSError:
+            return None
+        if recipe.data_end and got != recipe.data_end:
+            return None
+        stats.read_ms += (time.perf_counter() - t0) * 1e3
+        return recipe, torch.from_numpy(buf).view(recipe.file_dtype)
+
+    def learn(self, miss: ReadMiss, loaded: LoadedAdapter, packed: AdapterWeights,
+              slot_plan: Any = None) -> None:
         """Derive the recipe of ``miss``'s structure from its general read (``loaded``, and
-        ``packed``: its slot-ready weights); kept only if it reproduces ``packed`` exactly."""
+        ``packed``: its slot-ready weights); kept only if it reproduces ``packed`` exactly.
+        ``slot_plan`` rides with it to every hit (``PackedRead.slot_plan``)."""
         if miss.key is None:
             return
         with self._lock:
             if miss.key in self._recipes:
                 return
-        recipe = self._derive(miss.plan, loaded, packed)
+        recipe = self._derive(miss.plan, loaded, packed, slot_plan)
         if recipe is not None:
             data = _data_section(miss.plan, recipe.file_dtype)
             if not _same(self._assemble(recipe, data), packed.modules):
@@ -148,7 +220,7 @@ class PackedReads:
 
     # ---------------------------------------------------------------- internals
     def _derive(self, plan: AdapterPlan, loaded: LoadedAdapter,
-                packed: AdapterWeights) -> _Recipe | None:
+                packed: AdapterWeights, slot_plan: Any) -> _Recipe | None:
         table = plan.table
         file_dtype = DTYPES[table.uniform_dtype][0] if table.uniform_dtype else None
         sources = whole_tensor_sources(plan, self.spec, self.parallel)
@@ -185,7 +257,8 @@ class PackedReads:
         if int(table.end.max()) // size < 2**31:
             src = src.to(torch.int32)  # index_select takes either: half the memory
         return _Recipe(src, None if all_one else mult, file_dtype, tuple(views),
-                       loaded.weights.rank)
+                       loaded.weights.rank, table.data_start,
+                       int(table.end.max()) if table.end.size else 0, slot_plan)
 
     def _assemble(self, recipe: _Recipe, data: torch.Tensor) -> dict[ModuleKey, LoRATensors]:
         page = data.index_select(0, recipe.src)
@@ -225,4 +298,4 @@ def _same(ours: dict[ModuleKey, LoRATensors], theirs: dict[ModuleKey, LoRATensor
     return True
 
 
-__all__ = ["PackedReads", "ReadMiss"]
+__all__ = ["PackedRead", "PackedReads", "ReadMiss"]

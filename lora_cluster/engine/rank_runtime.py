@@ -236,9 +236,9 @@ class RankRuntime:
         fast = self.packed_reads.read(path, name, version)
         if not isinstance(fast, ReadMiss):
             t0 = time.perf_counter()
-            self.activator.prepare(fast[0])
-            fast[1]["validate"] += (time.perf_counter() - t0) * 1e3
-            return fast
+            self.activator.prepare(fast.weights, like=fast.slot_plan)
+            fast.breakdown["validate"] += (time.perf_counter() - t0) * 1e3
+            return fast.weights, fast.breakdown
         loaded = load_adapter(path, self.spec, self.parallel, name=name, version=version,
                               max_lora_rank=self.config.max_lora_rank, plan=fast.plan)
         breakdown = dict(loaded.stats.breakdown())
@@ -258,7 +258,7 @@ class RankRuntime:
         t0 = time.perf_counter()
         self.activator.prepare(weights)
         breakdown["validate"] += (time.perf_counter() - t0) * 1e3
-        self.packed_reads.learn(fast, loaded, weights)
+        self.packed_reads.learn(fast, loaded, weights, self.activator.template_of(weights))
         return weights, breakdown
 
     def _load(self, cmd: LoadAdapter) -> LoadResult:

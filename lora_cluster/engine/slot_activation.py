@@ -77,13 +77,25 @@ class SlotActivator:
     def asynchronous(self) -> bool:
         return self.stream is not None
 
-    def prepare(self, weights: Any) -> None:
+    def prepare(self, weights: Any, like: Any = None) -> None:
         """Validate and plan a new host-cache entry now (typed errors as ``activate``), so
         none of its activations pays for it; a no-op for models without a slot table. Safe
-        on another thread than the writes (the rank's reader thread plans beside the read)."""
+        on another thread than the writes (the rank's reader thread plans beside the read).
+        ``like``: a ``template_of`` an entry laid out exactly as this one (a read recipe's
+        pages) — only the plan is replayed (``LoRASlotTable.prepare_as``)."""
         table = getattr(self.model, "slot_table", None)
-        if table is not None:
+        if table is None:
+            return
+        if like is not None:
+            table.prepare_as(weights, like)
+        else:
             table.prepare(weights)
+
+    def template_of(self, weights: Any) -> Any:
+        """The slot plan of a prepared entry as a template for ``prepare(..., like=)``; None
+        for models without a slot table or entries that are not slot-ready."""
+        table = getattr(self.model, "slot_table", None)
+        return None if table is None else table.template_of(weights)
 
     def activate(self, slot: int, weights: Any) -> None:
         """Write ``weights`` into ``slot`` (validated first: a bad adapter leaves it intact)."""

@@ -101,6 +101,16 @@ class LoRASlotTable:
         # Plans by entry structure (``_structure``): a host cache of one recipe's adapters
         # plans once, then each new entry replays the plan on its own pages.
         self._templates: dict[tuple[Any, ...], PlanTemplate | None] = {}
+        # Per slot, the layout of what it holds: ALL_ZERO after a clear; after a planned
+        # write, its (dst keys, zero lists) — the slot then holds exactly clear + that write
+        # (every target is either written whole or zeroed first), so its bytes lie only in
+        # those dst regions; absent (unknown) after any other write. A planned write with
+        # the same dst keys and zero lists as the slot's layout overwrites all of that and
+        # skips its zeroing: entries of one recipe replacing each other in a slot (every
+        # attention-only adapter over a model with expert targets) write their own bytes
+        # and nothing else (cpu-tiny: 227 KB of zeroing a placement, memory traffic that
+        # also slowed the next forward).
+        self._layout: dict[int, object] = {}
 
     @property
     def transfer(self) -> SlotTransfer:
@@ -148,14 +158,41 @@ class LoRASlotTable:
         return plan
 
     def clear(self, slot: int) -> None:
+        self._layout.pop(slot, None)
         for clear in self._clearers:
             clear(slot)
+        self._layout[slot] = _ALL_ZERO
 
     def prepare(self, weights: SlotWeights) -> bool:
         """Validate ``weights`` (typed errors as ``write``) and, if slot-ready, plan its writes
         now — for a host-cache entry as it is created, so its first activation costs no more
         than the others. Returns whether it was planned."""
         return self._planned(weights)[0] is not None
+
+    def template_of(self, weights: SlotWeights) -> PlanTemplate | None:
+        """The plan of an entry ``prepare`` planned, as a template for entries laid out
+        exactly like it (``prepare_as``); None when it was not planned (or not slot-ready)."""
+        planned = self._plans.get(id(weights))
+        if planned is None or planned.fingerprint != self._fingerprint(weights):
+            return None
+        return plan_template(planned, self._storages(weights)[1])
+
+    def prepare_as(self, weights: SlotWeights, template: PlanTemplate) -> None:
+        """``prepare`` for an entry the caller guarantees is laid out exactly like the one
+        ``template`` came from (``template_of``): the same modules with the same dtype,
+        scaling 1.0, shapes, strides and offsets in storages of the same sizes — e.g. every
+        page one read recipe builds (``engine/packed_reads.py``). That entry passed validation,
+        and validation is a function of exactly that layout, so only the plan is replayed on
+        this entry's storages. A storage count unlike the template's plans in full."""
+        fingerprint = self._fingerprint(weights)
+        planned = self._plans.get(id(weights))
+        if planned is not None and planned.fingerprint == fingerprint:
+            return
+        bases = self._storages(weights)[0]
+        if len(bases) != template.storages:
+            self.prepare(weights)
+            return
+        self._remember(weights, replay(template, fingerprint, bases))
 
     def write(self, slot: int, weights: SlotWeights) -> frozenset[str]:
         """Validate, write every module into ``slot`` and zero the rest of it; returns the
@@ -164,20 +201,27 @@ class LoRASlotTable:
         planned, checked = self._planned(weights)
         if planned is None:  # not slot-ready: cast and fold on the way, module by module
             self.clear(slot)
+            self._layout.pop(slot, None)
             for _, target, t in checked:
                 target.write(slot, t.a, t.b, float(t.scaling))
             return frozenset(target.group for _, target, _ in checked)
-        self.transfer.run(planned, self._dsts(slot, planned.dst_keys),
-                          self._dsts(slot, planned.zero_dense),
-                          self._dsts(slot, planned.zero_strided))
+        layout = (planned.dst_keys, planned.zero_dense, planned.zero_strided)
+        known = self._layout.pop(slot, None)
+        if known is _ALL_ZERO or _same_layout(known, layout):
+            zero_dense: list[torch.Tensor] = []
+            zero_strided: list[torch.Tensor] = []
+        else:
+            zero_dense = self._dsts(slot, planned.zero_dense)
+            zero_strided = self._dsts(slot, planned.zero_strided)
+        self.transfer.run(planned, self._dsts(slot, planned.dst_keys), zero_dense, zero_strided)
+        self._layout[slot] = layout
         return planned.groups
 
     # ---- planned writes ------------------------------------------------------------------
     def _planned(self, weights: SlotWeights) -> tuple[PlannedWrite | None, list[Checked]]:
         """The kept plan of ``weights`` or a new one; (None, its validated modules) when it is
         not slot-ready. Raises the typed validation errors."""
-        modules = weights.modules
-        fingerprint = (tuple(modules), tuple(map(id, modules.values())), self.max_rank)
+        fingerprint = self._fingerprint(weights)
         planned = self._plans.get(id(weights))
         if planned is not None and planned.fingerprint == fingerprint:
             return planned, []
@@ -195,6 +239,27 @@ class LoRASlotTable:
             self._templates[structure] = plan_template(planned, storages)
         self._remember(weights, planned)
         return planned, checked
+
+    def _storages(self, weights: SlotWeights) -> tuple[list[torch.Tensor], dict[int, int]]:
+        """One tensor of each storage the modules' A and B lie in, numbered in order of
+        first use as ``_structure`` numbers those of ``_check``'s modules, and data_ptr →
+        number."""
+        storages: dict[int, int] = {}
+        bases: list[torch.Tensor] = []
+        targets = self.targets
+        for key, t in weights.modules.items():
+            if key not in targets:
+                continue
+            for x in (t.a, t.b):
+                ptr = x.untyped_storage().data_ptr()
+                if ptr not in storages:
+                    storages[ptr] = len(bases)
+                    bases.append(x)
+        return bases, storages
+
+    def _fingerprint(self, weights: SlotWeights) -> tuple[Any, ...]:
+        modules = weights.modules
+        return (tuple(modules), tuple(map(id, modules.values())), self.max_rank)
 
     def _slot_ready(self, checked: list[Checked]) -> bool:
         if self._dtype is None:
@@ -304,6 +369,15 @@ class LoRASlotTable:
 
 
 _TEMPLATES_KEPT = 64  # distinct entry structures whose plans are kept
+_ALL_ZERO = object()  # ``LoRASlotTable._layout``: the slot was cleared
+
+
+def _same_layout(known: object, layout: tuple[list[DstKey], ...]) -> bool:
+    """Whether a slot's recorded layout is ``layout`` (plans replayed from one template share
+    their lists: identity first)."""
+    if not isinstance(known, tuple):
+        return False
+    return all(k is v or k == v for k, v in zip(known, layout, strict=True))
 
 
 def _structure(checked: list[Checked]

@@ -162,6 +162,12 @@ class PlanTemplate:
     srcs: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...]  # storage, size, stride, offset
     spans: tuple[tuple[tuple[int, int, int, int], ...], ...]  # per round: (storage, lo, hi, at)
 
+    @property
+    def storages(self) -> int:
+        """How many storages (``bases`` in ``replay``) the entry's tensors lie in."""
+        used = [i for i, *_ in self.srcs] + [i for rnd in self.spans for i, *_ in rnd]
+        return max(used) + 1 if used else 0
+
 
 def plan_template(plan: PlannedWrite, storages: dict[int, int]) -> PlanTemplate | None:
     """``plan`` as a template; ``storages`` maps a storage's data_ptr to its index in the
