@@ -115,3 +115,48 @@ def test_score_logits_held_across_chunks_and_table_checks(qwen3_moe_dir):
     assert result is not None and [s for s, _ in result.tokens] == [7]
     assert result.tokens[0][1] == int(torch.argmax(oracle_logits(qwen3_moe_dir, None, (3, 4))[-1]))
     assert rt.runner.num_live_seqs == 1  # only 7: the refused table was never recorded
+
+
+def test_stats_may_run_beside_the_command_thread(fixture_cache, qwen3_moe_dir):
+    """A Ray rank answers ``stats`` on another thread while commands reorder its host cache,
+    slots and load records: every call must see a consistent copy, never raise."""
+    import sys
+    import threading
+
+    paths = [fixture_cache.adapter(qwen3_moe_dir, name=f"st{i}", targets=["attention"], seed=i)
+             for i in range(4)]
+    rt = runtime(qwen3_moe_dir, max_loras=2, max_cpu_loras=3)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                rt.stats()
+            except BaseException as exc:  # noqa: BLE001 - the test reports any failure
+                errors.append(exc)
+                return
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        seq = 0
+        for i in range(60):
+            name = f"st{i % 4}"
+            if (name, 1) not in rt.host_cache:
+                if len(rt.host_cache) == 3:
+                    old = next(iter(rt.host_cache))
+                    rt.execute(DropAdapter(seq=seq, name=old[0], version=1))
+                    seq += 1
+                rt.execute(LoadAdapter(seq=seq, name=name, version=1, path=str(paths[i % 4])))
+                seq += 1
+            rt.execute(PlaceAdapter(seq=seq, name=name, version=1, slot=i % 2))
+            seq += 1
+    finally:
+        done.set()
+        poller.join()
+        sys.setswitchinterval(switch)
+    assert errors == []
+    assert len(rt.stats()["host_cache"]) == 3

@@ -366,19 +366,27 @@ class RankRuntime:
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> dict[str, Any]:
-        """This rank's adapters (bytes, load ms), slots and memory."""
+        """This rank's adapters (bytes, load ms), slots and memory.
+
+        Safe beside the command thread (a Ray rank answers ``stats`` on another thread): the
+        containers that thread changes are copied first, each copy one C-level call that
+        the GIL does not interrupt, and only the copies are walked in Python."""
+        slots = list(self.slots)
+        load_stats = dict(self.load_stats)
+        staging = dict(self._staging)
+        host = list(self.host_cache.items())
         return {
             "rank": self.parallel.rank,
             "device": str(self.device),
             "model_load_ms": self.model_load_ms,
             "kv_blocks": self.num_kv_blocks,
             "kv_cache_bytes": self.kv_cache.nbytes,
-            "slots": [None if k is None else f"{k[0]}@v{k[1]}" for k in self.slots],
+            "slots": [None if k is None else f"{k[0]}@v{k[1]}" for k in slots],
             "host_cache": {f"{k[0]}@v{k[1]}": {"bytes": r.nbytes, "load_ms": dict(r.breakdown_ms)}
-                           for k, r in self.load_stats.items()},
+                           for k, r in load_stats.items()},
             "staging": {f"{k[0]}@v{k[1]}": {"bytes": u.nbytes, "commands": u.commands,
                                             "buffered_layers": len(u.arrivals)}
-                        for k, u in self._staging.items()},
+                        for k, u in staging.items()},
             "activation": self.activator.stats(),
             "read_ahead": self.read_ahead.stats(),
             "plan_cache": self.plans.stats(),
@@ -390,8 +398,7 @@ class RankRuntime:
             "steps": self.steps,
             "memory": memory_stats(
                 self.weight_bytes,
-                (self.load_stats[k].nbytes if k in self.load_stats else w.nbytes
-                 for k, w in self.host_cache.items()),
+                (load_stats[k].nbytes if k in load_stats else w.nbytes for k, w in host),
                 int(self.kv_cache.nbytes), self.device),
         }
 

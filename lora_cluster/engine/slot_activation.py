@@ -156,7 +156,8 @@ class SlotActivator:
 
     def finished_timings(self) -> list[tuple[int, float]]:
         """(bytes, device ms) of the recent activations that have finished (CUDA)."""
-        return [(n, s.elapsed_time(e)) for n, s, e in self._timings if e.query()]
+        # A copy first: ``stats`` may run beside the rank's command thread.
+        return [(n, s.elapsed_time(e)) for n, s, e in list(self._timings) if e.query()]
 
     def stats(self) -> dict[str, Any]:
         """Counts, and the device time/throughput of recent finished activations (CUDA)."""
