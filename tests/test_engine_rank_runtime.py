@@ -133,7 +133,7 @@ def test_stats_may_run_beside_the_command_thread(fixture_cache, qwen3_moe_dir):
         while not done.is_set():
             try:
                 rt.stats()
-            except BaseException as exc:  # noqa: BLE001 - the test reports any failure
+            except BaseException as exc:  # the test reports any failure
                 errors.append(exc)
                 return
 
