@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9|v10] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10|v11] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -16,7 +16,8 @@ at few rows and split variants at 64 rows beside the v6 choice and today's heuri
 rank-64 checks of today's heuristic, with the whole GPU kernel suite
 (→ results/kernels_candidates_v5_h100.json); ``v9`` split tiles around today's at 32-128 rows
 (the GQA 64/32 miss; → results/kernels_candidates_v6_h100.json); ``v10`` tiles for steps with
-one or eight distinct adapters (→ results/kernels_candidates_v7_h100.json).
+one or eight distinct adapters (→ results/kernels_candidates_v7_h100.json); ``v11`` the
+expand's column tiles at 32-128 rows (→ results/kernels_candidates_v8_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -96,12 +97,15 @@ FEW: list[Key] = [("dense", 16, t, a) for t in (16, 64, 256, 1024) for a in (1, 
     ("dense", 16, 4096, 8)] + [("qkv_gqa", 16, t, a) for t in (16, 64, 256, 1024)
                                for a in (1, 8)]
 SETS["v10"] = (FEW, [], RESULTS / "kernels_candidates_v7_h100.json")
+# v11: the expand's column tiling around today's at 32-128 rows (GQA 64/32, at the line).
+SETS["v11"] = (GQA64, [("dense", 16, 64, 32)], RESULTS / "kernels_candidates_v8_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
              "v8": ["tests/test_kernels_gpu.py"],
              "v9": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
-             "v10": ["tests/test_kernels_gpu.py", "-k", "short or rows"]}
+             "v10": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
+             "v11": ["tests/test_kernels_gpu.py", "-k", "short"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -301,20 +305,38 @@ def few_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     return out
 
 
+def column_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v11: today's split at 32-128 rows with other expand column tiles — BN 64 / 128 / 256
+    over 12 … 96 column ranges, 2 / 4 / 8 expand warps — and the same with the shrink's K
+    tile at 64 (the v9 rounds moved only the shrink)."""
+    today = _choice(key)
+    if not isinstance(today, cfg.SplitConfig):
+        return []
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    for bn, splits in ((64, (24, 48, 96)), (128, (16, 24, 48)), (256, (12, 24))):
+        for cs in splits:
+            for ew in (2, 4) if bn < 256 else (4, 8):
+                out.append((f"bn{bn}_c{cs}_ew{ew}", replace(today, bn=bn, col_splits=cs,
+                                                            expand_warps=ew)))
+    out += [("bn64_c48_ew2_bk64", replace(today, bn=64, col_splits=48, expand_warps=2, bk=64)),
+            ("bn64_c96_ew2_st2", replace(today, bn=64, col_splits=96, expand_warps=2, stages=2))]
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9", "v10"):
+    if which in ("v8", "v9", "v10", "v11"):
         seen = {legacy, _choice(key)}
         extra = {"v8": rows_candidates, "v9": tile_candidates,
-                 "v10": few_candidates}[which](key)
+                 "v10": few_candidates, "v11": column_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)

@@ -194,7 +194,19 @@ def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitCo
         # Rank 16: 2-warp shrink programs (v9: GQA 64/32 10.64 -> 9.90-10.00 µs, 32/32
         # 8.97 -> 8.50), single-slice with 2-warp expands too (dense 128/32 8.26 -> 7.12).
         sw, ew = (2, 2 if slices == 1 else 4) if r_pad == 16 else (4, 4)
-        return SplitConfig(bm=16, bk=128, split_k=8 if j <= 64 else 4, bn=128, col_splits=32,
+        split_k = 8 if j <= 64 else 4
+        if r_pad == 16 and slices > 1:
+            # Multi-slice expands (v11, GQA qkv N = 6144): one 128-column block a program of
+            # 2 warps up to 32 rows (32/32 8.57 -> 7.89 µs), two 256-column blocks a program
+            # above (64/32 10.25 -> 9.64, 128/32 11.01 -> 10.32): the column ranges follow N.
+            if rows <= 32:
+                return SplitConfig(bm=16, bk=128, split_k=split_k, bn=128,
+                                   col_splits=_cols_split(n, 128), shrink_warps=sw,
+                                   expand_warps=2, **short)
+            return SplitConfig(bm=16, bk=128, split_k=split_k, bn=256,
+                               col_splits=_cols_split(n, 512), shrink_warps=sw,
+                               expand_warps=4, **short)
+        return SplitConfig(bm=16, bk=128, split_k=split_k, bn=128, col_splits=32,
                            shrink_warps=sw, expand_warps=ew, **short)
     if rows <= 512:
         return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16,
