@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9|v10|v11] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -17,7 +17,10 @@ rank-64 checks of today's heuristic, with the whole GPU kernel suite
 (→ results/kernels_candidates_v5_h100.json); ``v9`` split tiles around today's at 32-128 rows
 (the GQA 64/32 miss; → results/kernels_candidates_v6_h100.json); ``v10`` tiles for steps with
 one or eight distinct adapters (→ results/kernels_candidates_v7_h100.json); ``v11`` the
-expand's column tiles at 32-128 rows (→ results/kernels_candidates_v8_h100.json).
+expand's column tiles at 32-128 rows (→ results/kernels_candidates_v8_h100.json); ``v12`` the
+same at 64-512 rows and 1 / 8 / 32 adapters (→ results/kernels_candidates_v9_h100.json);
+``v13`` splits with those expands against the per-row pair at dense 17-64 rows
+(→ results/kernels_candidates_v10_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -99,13 +102,23 @@ FEW: list[Key] = [("dense", 16, t, a) for t in (16, 64, 256, 1024) for a in (1, 
 SETS["v10"] = (FEW, [], RESULTS / "kernels_candidates_v7_h100.json")
 # v11: the expand's column tiling around today's at 32-128 rows (GQA 64/32, at the line).
 SETS["v11"] = (GQA64, [("dense", 16, 64, 32)], RESULTS / "kernels_candidates_v8_h100.json")
+# v12: the same lever at 64-512 rows and one / eight / 32 adapters.
+COLS: list[Key] = ([(s, 16, 256, a) for s in ("dense", "qkv_gqa") for a in (1, 8, 32)]
+                   + [("dense", 16, 64, 1), ("dense", 16, 64, 8), ("qkv_gqa", 16, 64, 1)])
+SETS["v12"] = (COLS, [("dense", 16, 128, 32), ("dense", 16, 512, 32), ("qkv_gqa", 16, 512, 32)],
+               RESULTS / "kernels_candidates_v9_h100.json")
+# v13: dense 17-64 rows, where the per-row pair is chosen: against splits with v12's expands.
+SETS["v13"] = ([("dense", 16, t, a) for t in (32, 64) for a in (1, 8, 32)], [],
+               RESULTS / "kernels_candidates_v10_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
              "v8": ["tests/test_kernels_gpu.py"],
              "v9": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
              "v10": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
-             "v11": ["tests/test_kernels_gpu.py", "-k", "short"]}
+             "v11": ["tests/test_kernels_gpu.py", "-k", "short"],
+             "v12": ["tests/test_kernels_gpu.py", "-k", "short or wide"],
+             "v13": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -323,20 +336,65 @@ def column_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     return out
 
 
+def expand_tile_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v12: today's split (or, where today takes the per-row pair, the 16-row split with
+    2-warp shrinks) with the expand's column tiles varied — BN 64 / 128 / 256 with 1, 2 or 4
+    blocks a program (ranges = N / columns a program) and 2 / 4 / 8 warps — and, at 256 rows
+    and more, 2-warp shrinks."""
+    shape, _, tokens, _ = key
+    n = SHAPES[shape][-1]
+    slices = len(SHAPES[shape]) - 1
+    today = _choice(key)
+    limit = cfg.SPLIT_PDL_MAX_ROWS_1SLICE if slices == 1 else cfg.SPLIT_PDL_MAX_ROWS
+    base = today if isinstance(today, cfg.SplitConfig) else S(
+        16, 128, 8, 128, 32, 2, 2, pdl=tokens <= limit, cum_starts=True, prefetch=True)
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    if base is not today:
+        out.append(("split_base", base))
+    for bn, blocks, warps in ((64, 2, (2,)), (64, 4, (2, 4)), (128, 1, (2, 4)),
+                              (128, 2, (2, 4)), (128, 4, (4,)), (256, 1, (4,)),
+                              (256, 2, (4, 8))):
+        cs = cfg.cdiv(n, bn * blocks)
+        for ew in warps:
+            out.append((f"bn{bn}x{blocks}_ew{ew}", replace(base, bn=bn, col_splits=cs,
+                                                           expand_warps=ew)))
+    if tokens >= 256:
+        out += [("sw2", replace(base, shrink_warps=2)),
+                ("sw2_bn256x2", replace(base, shrink_warps=2, bn=256, col_splits=cfg.cdiv(n, 512)))]
+    return out
+
+
+def dense_split_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v13: at dense 17-64 rows (today: the per-row pair) the 16-row split with v12's
+    256-column expand blocks, over shrink warps and K tiles."""
+    n = SHAPES[key[0]][-1]
+    cs256, cs128 = cfg.cdiv(n, 256), cfg.cdiv(n, 128)
+    short = dict(pdl=True, cum_starts=True, prefetch=True)
+    return [("s_bn256_sw2", S(16, 128, 8, 256, cs256, 2, 4, **short)),
+            ("s_bn256_sw4", S(16, 128, 8, 256, cs256, 4, 4, **short)),
+            ("s_bn256_bk256", S(16, 256, 16, 256, cs256, 2, 4, **short)),
+            ("s_bn256_bk64", S(16, 64, 16, 256, cs256, 2, 4, **short)),
+            ("s_bn256_ew2", S(16, 128, 8, 256, cs256, 2, 2, **short)),
+            ("s_bn128_ew2", S(16, 128, 8, 128, cs128, 2, 2, **short)),
+            ("s_bn128_ew4", S(16, 128, 8, 128, cs128, 2, 4, **short)),
+            ("rows_bn256", R(256, 16, 256, pdl=True))]
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9", "v10", "v11"):
+    if which in ("v8", "v9", "v10", "v11", "v12", "v13"):
         seen = {legacy, _choice(key)}
-        extra = {"v8": rows_candidates, "v9": tile_candidates,
-                 "v10": few_candidates, "v11": column_candidates}[which](key)
+        extra = {"v8": rows_candidates, "v9": tile_candidates, "v10": few_candidates,
+                 "v11": column_candidates, "v12": expand_tile_candidates,
+                 "v13": dense_split_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)

@@ -32,6 +32,7 @@ PDL_SPLIT_1K = cfg.SplitConfig(bm=64, bk=128, split_k=4, bn=128, col_splits=8, e
 SHORT_SPLIT = replace(PDL_SPLIT, cum_starts=True, prefetch=True)
 SHORT_SPLIT_1K = replace(PDL_SPLIT_1K, cum_starts=True, prefetch=True)
 ROWS = cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+ROWS_WIDE = cfg.RowConfig(bk=256, split_k=16, bn=256, pdl=True)  # dense 17-64 rows (v13)
 # Multi-slice expands of two 256-column blocks a program (v11: chosen at 33-128 rows).
 WIDE_SPLIT = cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=256, col_splits=12, shrink_warps=2,
                              expand_warps=4, pdl=True, cum_starts=True, prefetch=True)
@@ -45,6 +46,7 @@ FORCED: dict[str, cfg.LinearConfig | None] = {
     "split_short_1k": SHORT_SPLIT_1K,
     "rows": ROWS,
     "split_wide": WIDE_SPLIT,
+    "rows_wide": ROWS_WIDE,
 }
 
 
@@ -79,6 +81,8 @@ LINEAR_CASES = (
     + [("rows", 8, 16, s, d) for s in SHAPES for d in (torch.float16, torch.float32)]
     + [("split_wide", t, 16, s, torch.bfloat16) for t in (33, 64, 128) for s in SHAPES]
     + [("split_wide", 64, 16, "qkv_gqa", d) for d in (torch.float16, torch.float32)]
+    + [("rows_wide", t, 16, s, torch.bfloat16) for t in (17, 64) for s in SHAPES]
+    + [("rows_wide", 64, 16, "dense", d) for d in (torch.float16, torch.float32)]
 )
 
 
@@ -252,7 +256,7 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
     chosen = cfg.choose_linear(tokens, n_cols, 4096, 16, n, 32)
     assert isinstance(chosen, cfg.SplitConfig | cfg.RowConfig)
     configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K, SHORT_SPLIT, SHORT_SPLIT_1K,
-               ROWS, WIDE_SPLIT]
+               ROWS, WIDE_SPLIT, ROWS_WIDE]
     outs = [out0.clone() for _ in configs]
 
     def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig | cfg.RowConfig]) -> None:

@@ -312,7 +312,12 @@ def test_choose_linear_paths() -> None:
         return cfg.choose_linear(rows, n, 4096, rank, slices, 32)
 
     assert pick(1, 4096, 1) == cfg.RowConfig(bk=512, split_k=8, bn=128, pdl=True)
-    assert pick(64, 4096, 1) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+    assert pick(64, 4096, 1) == cfg.RowConfig(bk=256, split_k=16, bn=256, pdl=True)
+    # Above: splits with one 256-column expand block a program (v12).
+    dense128 = pick(128, 4096, 1)
+    assert isinstance(dense128, cfg.SplitConfig) and (dense128.bn, dense128.col_splits) == (256, 16)
+    gqa256 = pick(256, 6144, 3)
+    assert isinstance(gqa256, cfg.SplitConfig) and (gqa256.bn, gqa256.col_splits) == (256, 24)
     assert isinstance(pick(65, 4096, 1), cfg.SplitConfig)
     assert pick(1, 6144, 3) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
     assert pick(16, 6144, 3) == cfg.RowConfig(bk=256, split_k=8, bn=128, pdl=True)
@@ -368,8 +373,8 @@ def test_choose_linear_pdl_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(cfg, "SPLIT_PDL_MAX_ROWS_1SLICE", 0)
         cfg.choose_linear.cache_clear()
         plain = pick(128, dense)
-        assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=32,
-                                        shrink_warps=2, expand_warps=2, cum_starts=True,
+        assert plain == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=256, col_splits=16,
+                                        shrink_warps=2, expand_warps=4, cum_starts=True,
                                         prefetch=True)
         assert with_pdl == replace(plain, pdl=True)
         assert rows_pdl == replace(pick(64, dense), pdl=True)

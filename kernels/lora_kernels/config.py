@@ -166,15 +166,17 @@ def _cols_split(n: int, cols_per_prog: int) -> int:
 
 def _choose_rows(rows: int, r_pad: int, slices: int) -> RowConfig | None:
     """The per-row pair where it measured fastest (v8, rank 16 on the H100): dense up to 64
-    rows (1/1: 3.34 µs vs 4.72 split; 64/32: 6.39 vs 7.69), multi-slice up to 16 rows
-    (1/1: 4.09 vs 5.17; 16/32: 6.01 vs 6.62; at 64/32 it loses, 11.97 vs 10.59)."""
+    rows (1/1: 3.34 µs vs 4.72 split; 64/32: 6.39 vs 7.69; v13: still ahead of splits with
+    256-column expands, 5.90 vs 6.74), multi-slice up to 16 rows (1/1: 4.09 vs 5.17; 16/32:
+    6.01 vs 6.62; at 64/32 it loses, 11.97 vs 10.59)."""
     if r_pad != 16:
         return None  # rank 64: not measured, the split path stays
     if slices == 1:
         if rows <= 16:
             return RowConfig(bk=512, split_k=8, bn=128, pdl=True)
         if rows <= 64:
-            return RowConfig(bk=256, split_k=16, bn=128, pdl=True)
+            # 256-column expand blocks (v13: 64/32 6.53 -> 5.90 µs, 64/1 6.05 -> 5.40).
+            return RowConfig(bk=256, split_k=16, bn=256, pdl=True)
         return None
     if rows == 1:
         return RowConfig(bk=256, split_k=16, bn=128, pdl=True)
@@ -206,9 +208,20 @@ def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitCo
             return SplitConfig(bm=16, bk=128, split_k=split_k, bn=256,
                                col_splits=_cols_split(n, 512), shrink_warps=sw,
                                expand_warps=4, **short)
+        if r_pad == 16:
+            # Single-slice (v12): one 256-column block a program of 4 warps (dense 128/32
+            # 7.18 -> 6.80 µs).
+            return SplitConfig(bm=16, bk=128, split_k=split_k, bn=256,
+                               col_splits=_cols_split(n, 256), shrink_warps=sw,
+                               expand_warps=4, **short)
         return SplitConfig(bm=16, bk=128, split_k=split_k, bn=128, col_splits=32,
                            shrink_warps=sw, expand_warps=ew, **short)
     if rows <= 512:
+        if r_pad == 16:
+            # v12: one 256-column block a program (GQA 256/1 10.35 -> 8.69 µs, 256/32 13.28
+            # -> 11.42, 512/32 16.17 -> 14.47; dense 256/32 8.47 -> 7.86, 512/32 10.98 -> 10.63).
+            return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=256,
+                               col_splits=_cols_split(n, 256), **short)
         return SplitConfig(bm=16, bk=64, split_k=8 if j <= 64 else 4, bn=128, col_splits=16,
                            **short)
     if j <= 64 and (rows <= 2048 or slices > 1):
