@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13|v14] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -20,7 +20,8 @@ one or eight distinct adapters (→ results/kernels_candidates_v7_h100.json); ``
 expand's column tiles at 32-128 rows (→ results/kernels_candidates_v8_h100.json); ``v12`` the
 same at 64-512 rows and 1 / 8 / 32 adapters (→ results/kernels_candidates_v9_h100.json);
 ``v13`` splits with those expands against the per-row pair at dense 17-64 rows
-(→ results/kernels_candidates_v10_h100.json).
+(→ results/kernels_candidates_v10_h100.json); ``v14`` wider expand blocks at ≤ 16 and ~1k rows
+(→ results/kernels_candidates_v11_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -110,6 +111,9 @@ SETS["v12"] = (COLS, [("dense", 16, 128, 32), ("dense", 16, 512, 32), ("qkv_gqa"
 # v13: dense 17-64 rows, where the per-row pair is chosen: against splits with v12's expands.
 SETS["v13"] = ([("dense", 16, t, a) for t in (32, 64) for a in (1, 8, 32)], [],
                RESULTS / "kernels_candidates_v10_h100.json")
+# v14: the expand's column blocks at <= 16 rows (per-row pair) and at ~1k rows.
+SETS["v14"] = ([(s, 16, t, a) for s in ("dense", "qkv_gqa") for t in (1, 16, 1024)
+                for a in (1, 8, 32)], [], RESULTS / "kernels_candidates_v11_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
@@ -118,7 +122,8 @@ GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v10": ["tests/test_kernels_gpu.py", "-k", "short or rows"],
              "v11": ["tests/test_kernels_gpu.py", "-k", "short"],
              "v12": ["tests/test_kernels_gpu.py", "-k", "short or wide"],
-             "v13": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"]}
+             "v13": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"],
+             "v14": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -380,21 +385,43 @@ def dense_split_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]
             ("rows_bn256", R(256, 16, 256, pdl=True))]
 
 
+def edge_expand_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v14: v12's wider expand blocks at the two ends — the per-row pair at ≤ 16 rows (BN
+    256 / 512 expand blocks, 2 / 4 / 8 warps) and the ~1k-row split (BN 256 with 1 / 2 / 4
+    blocks a program, 4 / 8 warps)."""
+    n = SHAPES[key[0]][-1]
+    today = _choice(key)
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    if isinstance(today, cfg.RowConfig):
+        for bn in (256, 512):
+            for ew in (2, 4, 8):
+                out.append((f"rows_bn{bn}_ew{ew}", replace(today, bn=bn, expand_warps=ew)))
+        out.append(("rows_bn256_sk16", replace(today, bn=256, bk=256, split_k=16)))
+        out.append(("rows_bn256_bk512", replace(today, bn=256, bk=512, split_k=8)))
+    elif isinstance(today, cfg.SplitConfig):
+        for blocks in (1, 2, 4):
+            for ew in (4, 8):
+                out.append((f"bn256x{blocks}_ew{ew}", replace(
+                    today, bn=256, col_splits=cfg.cdiv(n, 256 * blocks), expand_warps=ew)))
+        out.append(("bn128x1_ew4", replace(today, col_splits=cfg.cdiv(n, 128), expand_warps=4)))
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13", "v14") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9", "v10", "v11", "v12", "v13"):
+    if which in ("v8", "v9", "v10", "v11", "v12", "v13", "v14"):
         seen = {legacy, _choice(key)}
         extra = {"v8": rows_candidates, "v9": tile_candidates, "v10": few_candidates,
                  "v11": column_candidates, "v12": expand_tile_candidates,
-                 "v13": dense_split_candidates}[which](key)
+                 "v13": dense_split_candidates, "v14": edge_expand_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)

@@ -33,6 +33,7 @@ SHORT_SPLIT = replace(PDL_SPLIT, cum_starts=True, prefetch=True)
 SHORT_SPLIT_1K = replace(PDL_SPLIT_1K, cum_starts=True, prefetch=True)
 ROWS = cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
 ROWS_WIDE = cfg.RowConfig(bk=256, split_k=16, bn=256, pdl=True)  # dense 17-64 rows (v13)
+ROWS_WIDE8 = cfg.RowConfig(bk=256, split_k=8, bn=256, expand_warps=8, pdl=True)  # v14
 # Multi-slice expands of two 256-column blocks a program (v11: chosen at 33-128 rows).
 WIDE_SPLIT = cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=256, col_splits=12, shrink_warps=2,
                              expand_warps=4, pdl=True, cum_starts=True, prefetch=True)
@@ -47,6 +48,7 @@ FORCED: dict[str, cfg.LinearConfig | None] = {
     "rows": ROWS,
     "split_wide": WIDE_SPLIT,
     "rows_wide": ROWS_WIDE,
+    "rows_wide8": ROWS_WIDE8,
 }
 
 
@@ -83,6 +85,8 @@ LINEAR_CASES = (
     + [("split_wide", 64, 16, "qkv_gqa", d) for d in (torch.float16, torch.float32)]
     + [("rows_wide", t, 16, s, torch.bfloat16) for t in (17, 64) for s in SHAPES]
     + [("rows_wide", 64, 16, "dense", d) for d in (torch.float16, torch.float32)]
+    + [("rows_wide8", t, 16, s, torch.bfloat16) for t in (2, 16) for s in SHAPES]
+    + [("rows_wide8", 16, 16, "qkv_gqa", d) for d in (torch.float16, torch.float32)]
 )
 
 

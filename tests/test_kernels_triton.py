@@ -311,7 +311,7 @@ def test_choose_linear_paths() -> None:
     def pick(rows: int, n: int, slices: int, rank: int = 16) -> cfg.LinearConfig:
         return cfg.choose_linear(rows, n, 4096, rank, slices, 32)
 
-    assert pick(1, 4096, 1) == cfg.RowConfig(bk=512, split_k=8, bn=128, pdl=True)
+    assert pick(1, 4096, 1) == cfg.RowConfig(bk=512, split_k=8, bn=256, pdl=True)
     assert pick(64, 4096, 1) == cfg.RowConfig(bk=256, split_k=16, bn=256, pdl=True)
     # Above: splits with one 256-column expand block a program (v12).
     dense128 = pick(128, 4096, 1)
@@ -320,7 +320,8 @@ def test_choose_linear_paths() -> None:
     assert isinstance(gqa256, cfg.SplitConfig) and (gqa256.bn, gqa256.col_splits) == (256, 24)
     assert isinstance(pick(65, 4096, 1), cfg.SplitConfig)
     assert pick(1, 6144, 3) == cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
-    assert pick(16, 6144, 3) == cfg.RowConfig(bk=256, split_k=8, bn=128, pdl=True)
+    assert pick(16, 6144, 3) == cfg.RowConfig(bk=256, split_k=8, bn=256, expand_warps=8,
+                                              pdl=True)
     gqa64 = pick(64, 6144, 3)
     assert isinstance(gqa64, cfg.SplitConfig)
     assert (gqa64.shrink_warps, gqa64.expand_warps) == (2, 4)
