@@ -19,10 +19,11 @@ data section shorter than the header says goes the way of a miss (``PlanCache.in
 and the general checks), so every error is the general path's typed one. The recipe also
 keeps the slot table's plan template of its first page (``slot_plan``): every page a recipe
 builds has that page's geometry, so the rank plans it from the template without validating
-the same shapes again (``LoRASlotTable.prepare_as``). ``src`` and ``mult`` are learnt by replaying the first adapter's page views
-over index tensors, and a recipe is kept only if applying it to that same file gives the
-general path's page bit for bit; a structure it cannot describe (TP slices, expert layouts,
-several pages, mixed dtypes, a recipe over the memory bound) keeps the general path.
+the same shapes again (``LoRASlotTable.prepare_as``). ``src`` and ``mult`` are learnt by
+replaying the first adapter's page views over index tensors, and a recipe is kept only if
+applying it to that same file gives the general path's page bit for bit; a structure it
+cannot describe (TP slices, expert layouts, several pages, mixed dtypes, a recipe over the
+memory bound) keeps the general path.
 Thread-safe (a rank's reader thread and command thread share it); at most ``capacity``
 recipes and ``max_bytes`` of them, least recently used first out.
 """
