@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13|v14] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13|v14|v15] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -21,7 +21,8 @@ expand's column tiles at 32-128 rows (→ results/kernels_candidates_v8_h100.jso
 same at 64-512 rows and 1 / 8 / 32 adapters (→ results/kernels_candidates_v9_h100.json);
 ``v13`` splits with those expands against the per-row pair at dense 17-64 rows
 (→ results/kernels_candidates_v10_h100.json); ``v14`` wider expand blocks at ≤ 16 and ~1k rows
-(→ results/kernels_candidates_v11_h100.json).
+(→ results/kernels_candidates_v11_h100.json); ``v15`` the shrink's K tiling under v11's
+expands at 32-128 rows (→ results/kernels_candidates_v12_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -111,6 +112,9 @@ SETS["v12"] = (COLS, [("dense", 16, 128, 32), ("dense", 16, 512, 32), ("qkv_gqa"
 # v13: dense 17-64 rows, where the per-row pair is chosen: against splits with v12's expands.
 SETS["v13"] = ([("dense", 16, t, a) for t in (32, 64) for a in (1, 8, 32)], [],
                RESULTS / "kernels_candidates_v10_h100.json")
+# v15: the shrink's K tiling under v11's expands at 32-128 rows (GQA 64/32's margin).
+SETS["v15"] = ([*GQA64, ("qkv_gqa", 16, 64, 1), ("qkv_gqa", 16, 64, 8)], [],
+               RESULTS / "kernels_candidates_v12_h100.json")
 # v14: the expand's column blocks at <= 16 rows (per-row pair) and at ~1k rows.
 SETS["v14"] = ([(s, 16, t, a) for s in ("dense", "qkv_gqa") for t in (1, 16, 1024)
                 for a in (1, 8, 32)], [], RESULTS / "kernels_candidates_v11_h100.json")
@@ -123,7 +127,8 @@ GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v11": ["tests/test_kernels_gpu.py", "-k", "short"],
              "v12": ["tests/test_kernels_gpu.py", "-k", "short or wide"],
              "v13": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"],
-             "v14": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"]}
+             "v14": ["tests/test_kernels_gpu.py", "-k", "short or wide or rows"],
+             "v15": ["tests/test_kernels_gpu.py", "-k", "wide"]}
 
 
 def _choice(key: Key) -> cfg.LinearConfig:
@@ -407,21 +412,38 @@ def edge_expand_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]
     return out
 
 
+def shrink_k_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v15: today's split at 32-128 rows (v11's expands) over the shrink's K tile, K split,
+    warps and pipeline stages."""
+    today = _choice(key)
+    if not isinstance(today, cfg.SplitConfig):
+        return []
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    for bk, sk in ((64, 8), (64, 16), (128, 4), (128, 16), (256, 4), (256, 8), (64, 32)):
+        out.append((f"bk{bk}_sk{sk}", replace(today, bk=bk, split_k=sk)))
+    out += [("sw1", replace(today, shrink_warps=1)), ("sw4", replace(today, shrink_warps=4)),
+            ("st2", replace(today, stages=2)), ("st4", replace(today, stages=4)),
+            ("sk16_sw1", replace(today, split_k=16, shrink_warps=1)),
+            ("bk64_sk16_sw1", replace(today, bk=64, split_k=16, shrink_warps=1))]
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13", "v14") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9", "v10", "v11", "v12", "v13", "v14"):
+    if which in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15"):
         seen = {legacy, _choice(key)}
         extra = {"v8": rows_candidates, "v9": tile_candidates, "v10": few_candidates,
                  "v11": column_candidates, "v12": expand_tile_candidates,
-                 "v13": dense_split_candidates, "v14": edge_expand_candidates}[which](key)
+                 "v13": dense_split_candidates, "v14": edge_expand_candidates,
+                 "v15": shrink_k_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)
