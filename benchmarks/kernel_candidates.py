@@ -414,13 +414,18 @@ def edge_expand_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]
 
 def shrink_k_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     """v15: today's split at 32-128 rows (v11's expands) over the shrink's K tile, K split,
-    warps and pipeline stages."""
+    warps and pipeline stages; second round: wider expand blocks (BN 512, or 3-4 BN-256
+    blocks a program)."""
     today = _choice(key)
     if not isinstance(today, cfg.SplitConfig):
         return []
     out: list[tuple[str, cfg.LinearConfig | None]] = []
     for bk, sk in ((64, 8), (64, 16), (128, 4), (128, 16), (256, 4), (256, 8), (64, 32)):
         out.append((f"bk{bk}_sk{sk}", replace(today, bk=bk, split_k=sk)))
+    for bn, cs, ew in ((512, 12, 4), (512, 12, 8), (512, 6, 8), (256, 8, 4), (256, 6, 4),
+                       (256, 6, 8)):
+        out.append((f"bn{bn}_c{cs}_ew{ew}", replace(today, bn=bn, col_splits=cs,
+                                                    expand_warps=ew)))
     out += [("sw1", replace(today, shrink_warps=1)), ("sw4", replace(today, shrink_warps=4)),
             ("st2", replace(today, stages=2)), ("st4", replace(today, stages=4)),
             ("sk16_sw1", replace(today, split_k=16, shrink_warps=1)),

@@ -34,9 +34,11 @@ SHORT_SPLIT_1K = replace(PDL_SPLIT_1K, cum_starts=True, prefetch=True)
 ROWS = cfg.RowConfig(bk=256, split_k=16, bn=128, pdl=True)
 ROWS_WIDE = cfg.RowConfig(bk=256, split_k=16, bn=256, pdl=True)  # dense 17-64 rows (v13)
 ROWS_WIDE8 = cfg.RowConfig(bk=256, split_k=8, bn=256, expand_warps=8, pdl=True)  # v14
-# Multi-slice expands of two 256-column blocks a program (v11: chosen at 33-128 rows).
+# Multi-slice expands of two 256-column blocks a program (v11) and of one 512-column block
+# (v15: chosen at 33-128 rows).
 WIDE_SPLIT = cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=256, col_splits=12, shrink_warps=2,
                              expand_warps=4, pdl=True, cum_starts=True, prefetch=True)
+WIDE512_SPLIT = replace(WIDE_SPLIT, bn=512)
 FORCED: dict[str, cfg.LinearConfig | None] = {
     "auto": None,
     "fused": cfg.FusedConfig(bm=16, bk=128, bn=64, col_splits=8),
@@ -49,6 +51,7 @@ FORCED: dict[str, cfg.LinearConfig | None] = {
     "split_wide": WIDE_SPLIT,
     "rows_wide": ROWS_WIDE,
     "rows_wide8": ROWS_WIDE8,
+    "split_wide512": WIDE512_SPLIT,
 }
 
 
@@ -87,6 +90,8 @@ LINEAR_CASES = (
     + [("rows_wide", 64, 16, "dense", d) for d in (torch.float16, torch.float32)]
     + [("rows_wide8", t, 16, s, torch.bfloat16) for t in (2, 16) for s in SHAPES]
     + [("rows_wide8", 16, 16, "qkv_gqa", d) for d in (torch.float16, torch.float32)]
+    + [("split_wide512", t, 16, s, torch.bfloat16) for t in (33, 64, 128) for s in SHAPES]
+    + [("split_wide512", 64, 16, "qkv_gqa", d) for d in (torch.float16, torch.float32)]
 )
 
 
@@ -260,7 +265,7 @@ def test_split_pdl_chain_graph_replays(tokens: int, shape: str) -> None:
     chosen = cfg.choose_linear(tokens, n_cols, 4096, 16, n, 32)
     assert isinstance(chosen, cfg.SplitConfig | cfg.RowConfig)
     configs = [replace(chosen, pdl=True), PDL_SPLIT, PDL_SPLIT_1K, SHORT_SPLIT, SHORT_SPLIT_1K,
-               ROWS, WIDE_SPLIT, ROWS_WIDE]
+               ROWS, WIDE_SPLIT, ROWS_WIDE, WIDE512_SPLIT]
     outs = [out0.clone() for _ in configs]
 
     def chain(dst: list[torch.Tensor], cfgs: list[cfg.SplitConfig | cfg.RowConfig]) -> None:

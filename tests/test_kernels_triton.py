@@ -325,14 +325,16 @@ def test_choose_linear_paths() -> None:
     gqa64 = pick(64, 6144, 3)
     assert isinstance(gqa64, cfg.SplitConfig)
     assert (gqa64.shrink_warps, gqa64.expand_warps) == (2, 4)
-    # Multi-slice expands at 17-128 rows (v11): one 128-column block a program of 2 warps up
-    # to 32 rows, two 256-column blocks a program above; the ranges follow N.
+    # Multi-slice expands at 17-128 rows (v11, v15): one 128-column block a program of 2
+    # warps up to 32 rows, one 512-column block a program above; the ranges follow N.
     short = dict(pdl=True, cum_starts=True, prefetch=True)
     assert pick(32, 6144, 3) == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=128, col_splits=48,
                                                 shrink_warps=2, expand_warps=2, **short)
-    assert gqa64 == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=256, col_splits=12,
+    assert gqa64 == cfg.SplitConfig(bm=16, bk=128, split_k=8, bn=512, col_splits=12,
                                     shrink_warps=2, expand_warps=4, **short)
     assert pick(128, 22016, 2) == replace(gqa64, col_splits=43)
+    # float32 layers keep two 256-column blocks (a 512-wide expand overflows shared memory).
+    assert cfg.choose_linear(64, 6144, 4096, 16, 3, 32, itemsize=4) == replace(gqa64, bn=256)
     assert all(isinstance(pick(r, n, s, rank=64), cfg.SplitConfig)
                for r in (1, 16, 64) for n, s in ((4096, 1), (6144, 3)))
     r64 = pick(1024, 4096, 1, rank=64)

@@ -189,7 +189,8 @@ def _choose_rows(rows: int, r_pad: int, slices: int) -> RowConfig | None:
     return None
 
 
-def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitConfig | None:
+def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int,
+                  itemsize: int = 2) -> SplitConfig | None:
     # Split configs take the short dependent-load chains (v7: same bits, 0.80-0.97x the
     # time at rank 16 on the H100, docs/KERNELS.md).
     short = dict(cum_starts=True, prefetch=True)
@@ -203,13 +204,16 @@ def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitCo
         split_k = 8 if j <= 64 else 4
         if r_pad == 16 and slices > 1:
             # Multi-slice expands (v11, GQA qkv N = 6144): one 128-column block a program of
-            # 2 warps up to 32 rows (32/32 8.57 -> 7.89 µs), two 256-column blocks a program
-            # above (64/32 10.25 -> 9.64, 128/32 11.01 -> 10.32): the column ranges follow N.
+            # 2 warps up to 32 rows (32/32 8.57 -> 7.89 µs); above, one 512-column block a
+            # program of 4 warps (v15: 64/32 10.25 -> 9.32, 128/32 11.01 -> 9.79) — for
+            # float32 layers two 256-column blocks (v11: 9.64-9.95 / 10.32), as the 512-wide
+            # expand with its prefetched tiles needs 260 KB of shared memory there: the
+            # column ranges follow N.
             if rows <= 32:
                 return SplitConfig(bm=16, bk=128, split_k=split_k, bn=128,
                                    col_splits=_cols_split(n, 128), shrink_warps=sw,
                                    expand_warps=2, **short)
-            return SplitConfig(bm=16, bk=128, split_k=split_k, bn=256,
+            return SplitConfig(bm=16, bk=128, split_k=split_k, bn=512 if itemsize <= 2 else 256,
                                col_splits=_cols_split(n, 512), shrink_warps=sw,
                                expand_warps=4, **short)
         if r_pad == 16:
@@ -243,7 +247,7 @@ def _choose_split(rows: int, n: int, j: int, slices: int, r_pad: int) -> SplitCo
 
 @lru_cache(maxsize=4096)
 def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: int,
-                  num_sms: int = NUM_SMS_DEFAULT) -> LinearConfig:
+                  num_sms: int = NUM_SMS_DEFAULT, itemsize: int = 2) -> LinearConfig:
     """Pick the per-row, split or fused path and its tiles for one LoRA linear shape.
 
     From the H100 sweeps (docs/KERNELS.md): at a handful of rows (rank 16) the per-row
@@ -254,7 +258,8 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     tiles; at 4k rows the fused path, which never writes y, wins for single-slice layers
     and for rank-64 multi-slice ones. The split path launches its expand with PDL up to
     the row limits at the top of this module. ``entries`` and ``num_sms`` are kept for
-    tuning on other cards.
+    tuning on other cards. ``itemsize``: bytes per element of x and the weights (tiles that
+    need more shared memory than an H100 has at 4 bytes are kept to 16-bit layers).
     """
     r_pad = rank_pad(rank)
     j = next_pow2(slices) * r_pad
@@ -262,7 +267,7 @@ def choose_linear(rows: int, n: int, k: int, rank: int, slices: int, entries: in
     row_config = _choose_rows(rows, r_pad, slices)
     if row_config is not None:
         return replace(row_config, pdl=rows <= pdl_limit)
-    split = _choose_split(rows, n, j, slices, r_pad)
+    split = _choose_split(rows, n, j, slices, r_pad, itemsize)
     if split is not None and rows <= pdl_limit:
         split = replace(split, pdl=True)
     if split is not None:

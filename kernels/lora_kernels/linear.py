@@ -77,7 +77,8 @@ def lora_linear(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b
     if m == 0:
         return
     if config is None:
-        config = cfg.choose_linear(m, n_cols, k, rank, n, w_count)
+        config = cfg.choose_linear(m, n_cols, k, rank, n, w_count,
+                                   itemsize=max(x.element_size(), lora_a.element_size()))
     if isinstance(config, cfg.ArriveConfig):
         launch_arrive(out, x, lora_a, lora_b, meta, slice_offsets, config, workspace, counters)
         return
