@@ -29,7 +29,7 @@ def _tiny() -> BenchPreset:
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cache = tmp_path_factory.mktemp("bench-cache")
     return run_bench(BenchOptions(preset=_tiny(), adapter_counts=(1, 3), cache_dir=cache,
-                                  backend="local", rate=20.0, show_progress=False))
+                                  backend="local", rate=20.0, rounds=2, show_progress=False))
 
 
 def _ordered(block: dict[str, float | None]) -> bool:
@@ -75,6 +75,16 @@ def test_engine_figures_are_consistent(result: dict[str, Any]) -> None:
     reg = result["engine"]["registration"]
     assert reg["registered"] == 3 and reg["register_ms_per_adapter"] > 0
     assert reg["load_adapter_ms"]["p50"] > 0
+
+
+def test_rounds_repeat_the_closed_loop_at_every_n(result: dict[str, Any]) -> None:
+    for n in (1, 3):
+        row = result["engine"]["by_adapters"][str(n)]
+        rounds = row["closed_rounds"]
+        assert len(rounds) == 2 and rounds[0] == row["closed"]
+        assert all(c["errors"] == 0 and c["requests"] > 0 for c in rounds)
+    report = format_report(result)
+    assert "closed-loop rounds" in report and "N=3:" in report
 
 
 def test_step_time_and_goals(result: dict[str, Any]) -> None:

@@ -139,3 +139,25 @@ def test_goals_from_a_synthetic_result() -> None:
     assert goals["scale_10000_vs_5"]["met"] is None
     assert goals["speedup_vs_peft_at_100"]["met"] is None
     assert goals["scale_100_vs_5"]["value"] == pytest.approx(0.96)  # informational
+
+
+def test_scale_goal_pairs_rounds() -> None:
+    """With rounds, the 10,000 / 5 ratio is the median of round-by-round ratios: a host that
+    slows down between rounds moves both sides of a pair, not the verdict."""
+    from lora_cluster.bench.goals import evaluate_goals
+    from lora_cluster.bench.metrics import engine_tok_s, paired_ratio
+
+    def row(*tok_s: float) -> dict:
+        rounds = [{"tokens_per_s": 0.0, "tokens_per_s_median": t} for t in tok_s]
+        return {"closed": rounds[0], "closed_rounds": rounds}
+
+    at5, at10k = row(1000.0, 600.0, 900.0), row(930.0, 560.0, 810.0)
+    assert engine_tok_s(at5) == 900.0 and engine_tok_s(at10k) == 810.0
+    median, ratios = paired_ratio(at10k, at5)
+    assert ratios == pytest.approx([0.93, 560 / 600, 0.90])
+    assert median == pytest.approx(0.93)
+    goals = evaluate_goals({"engine": {"by_adapters": {"5": at5, "10000": at10k}}})
+    assert goals["scale_10000_vs_5"]["value"] == pytest.approx(0.93)
+    assert "3 paired rounds" in goals["scale_10000_vs_5"]["note"]
+    # unpaired (different round counts): the ratio of the medians
+    assert paired_ratio(row(810.0), at5)[0] == pytest.approx(0.90)

@@ -64,6 +64,9 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--backend", default="ray", choices=["ray", "local"],
                    help="ray: the real cluster; local: one in-process rank without Ray")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="closed-loop rounds over every N; ratios to N=5 are paired round by "
+                        "round (cancels a shared host's drift; default 1)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                    help="where the model and adapters are written once and reused")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
@@ -117,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preset=preset, adapter_counts=args.adapters or preset.adapter_counts,
         cache_dir=Path(args.cache_dir), backend=args.backend,
         parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), rate=args.rate,
-        seed=args.seed, show_progress=not args.no_progress,
+        seed=args.seed, rounds=args.rounds, show_progress=not args.no_progress,
         command=_command_line())
     result = run_bench(opts)
     if args.update:

@@ -128,6 +128,30 @@ def headline(row: dict[str, Any]) -> float:
     return float(row.get("tokens_per_s_median", row["tokens_per_s"]))
 
 
+def round_figures(n_row: dict[str, Any]) -> list[float]:
+    """Headline tok/s of each closed-loop round of one adapter count (one without rounds)."""
+    return [headline(c) for c in n_row.get("closed_rounds") or [n_row["closed"]]]
+
+
+def engine_tok_s(n_row: dict[str, Any]) -> float:
+    """One adapter count's closed-loop tok/s: the median over its rounds."""
+    return float(np.median(round_figures(n_row)))
+
+
+def paired_ratio(n_row: dict[str, Any], ref_row: dict[str, Any]) -> tuple[float, list[float]]:
+    """(median, per-round) tok/s ratios of ``n_row`` to ``ref_row``, round k against round k.
+
+    Rounds sweep every N in turn, so round k of both ran minutes apart at most: the host's
+    drift between rounds (large on a shared VM) cancels in each ratio. Without rounds on both
+    sides, the one ratio of their medians.
+    """
+    mine, ref = round_figures(n_row), round_figures(ref_row)
+    if len(mine) != len(ref):
+        mine, ref = [engine_tok_s(n_row)], [engine_tok_s(ref_row)]
+    ratios = [m / r for m, r in zip(mine, ref, strict=True) if r > 0]
+    return (float(np.median(ratios)) if ratios else float("nan")), ratios
+
+
 def summarize(run: PhaseRun) -> dict[str, Any]:
     """The reported figures of one phase (see the module docstring)."""
     t0, t1 = run.window

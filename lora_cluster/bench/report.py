@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_cluster.bench.goals import baseline_tok_s, evaluate_goals
 from lora_cluster.bench.machine import machine_name
-from lora_cluster.bench.metrics import headline
+from lora_cluster.bench.metrics import engine_tok_s, headline, paired_ratio, round_figures
 from lora_cluster.cli_format import format_table
 
 _SECTIONS = ("engine", "step_time", "baselines")
@@ -38,10 +38,37 @@ def _baseline_cell(result: dict[str, Any], kind: str, n: int) -> str:
     return f"{headline(row):,.0f}"
 
 
+def _req_s(n_row: dict[str, Any]) -> float:
+    """Closed-loop requests/s of one N: the median over its rounds' median sub-windows."""
+    rounds = n_row.get("closed_rounds") or [n_row["closed"]]
+    figures = sorted(float(c.get("requests_per_s_median", c["requests_per_s"])) for c in rounds)
+    mid = len(figures) // 2
+    return figures[mid] if len(figures) % 2 else (figures[mid - 1] + figures[mid]) / 2
+
+
+def round_lines(result: dict[str, Any]) -> list[str]:
+    """Per-round tok/s and ratio to N = 5 of every N, where the sweep ran rounds."""
+    by_n = result.get("engine", {}).get("by_adapters", {})
+    ref = by_n.get("5")
+    lines = []
+    for n in result.get("adapter_counts", []):
+        row = by_n.get(str(n))
+        if row is None or len(row.get("closed_rounds") or ()) < 2:
+            continue
+        figures = ", ".join(f"{v:,.0f}" for v in round_figures(row))
+        ratios = paired_ratio(row, ref)[1] if ref is not None and n != 5 else []
+        vs = f" (vs N=5: {', '.join(f'{r:.0%}' for r in ratios)})" if ratios else ""
+        lines.append(f"  N={n:,}: {figures} tok/s{vs}")
+    if lines:
+        lines.insert(0, "closed-loop rounds (each sweeps every N in turn; tok/s and vs N=5 "
+                        "above are medians over rounds, the ratio paired round by round):")
+    return lines
+
+
 def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per adapter count: throughput, open-loop latency, tiers, baselines."""
     by_n = result.get("engine", {}).get("by_adapters", {})
-    ref = headline(by_n["5"]["closed"]) if "5" in by_n else None
+    ref = by_n.get("5")
     headers = ["N", "req/s", "tok/s", "vs N=5", "tok/step", "step ms", "rank ms", "TTFT p50/p90/p99 ms",
                "TPOT p50/p90/p99 ms", "e2e p99 ms", "slot hit", "disk loads", "PEFT tok/s",
                "merged tok/s", "× PEFT"]
@@ -52,10 +79,10 @@ def engine_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         c, o = row["closed"], row["open"]
         peft = baseline_tok_s(result, "peft", n)
-        tok_s = headline(c)
+        tok_s = engine_tok_s(row)
         rows.append([
-            f"{n:,}", _num(c.get("requests_per_s_median", c["requests_per_s"])),
-            _num(tok_s, "{:,.0f}"), _num(tok_s / ref if ref else None, "{:.0%}"),
+            f"{n:,}", _num(_req_s(row)),
+            _num(tok_s, "{:,.0f}"), _num(paired_ratio(row, ref)[0] if ref else None, "{:.0%}"),
             _num(c.get("tokens_per_step"), "{:.0f}"), _num(c.get("step_ms"), "{:.1f}"),
             _num((c.get("step_breakdown_ms") or {}).get("rank"), "{:.1f}"),
             "/".join(_ms(o["ttft_s"][p]) for p in ("p50", "p90", "p99")),
@@ -81,7 +108,7 @@ def format_report(result: dict[str, Any]) -> str:
                       f"batch); open loop: Poisson "
                       f"{_num(rate, '{:.1f}')} req/s (TTFT as the client sees it, TPOT the "
                       f"engine's, e2e from arrival)",
-                  format_table(*engine_rows(result))]
+                  format_table(*engine_rows(result)), *round_lines(result)]
         reg = engine.get("registration", {})
         if reg:
             lines += ["", f"registration: {reg.get('registered', 0):,} adapters in "
@@ -147,7 +174,7 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     if not counts:
         return "no engine results to plot"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(counts, [headline(by_n[str(n)]["closed"]) for n in counts], "o-",
+    ax1.plot(counts, [engine_tok_s(by_n[str(n)]) for n in counts], "o-",
              label="lora_cluster")
     for kind, style in (("peft", "s--"), ("merged", "^:")):
         pts = [(n, v) for n in counts if (v := baseline_tok_s(result, kind, n)) is not None]

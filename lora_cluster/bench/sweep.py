@@ -40,6 +40,10 @@ class BenchOptions:
     parts: tuple[str, ...] = PARTS
     rate: float | None = None  # open-loop requests/s; None: the preset's (see BenchPreset)
     seed: int = 0
+    # Closed-loop rounds: after the first sweep (closed + open loop at every N), rounds - 1
+    # more closed loops at every N in the same order on the same cluster; ratios between
+    # adapter counts are then paired round by round (``metrics.paired_ratio``).
+    rounds: int = 1
     show_progress: bool = True
     command: str = ""
 
@@ -51,6 +55,8 @@ class BenchOptions:
         if not self.adapter_counts or min(self.adapter_counts) < 1:
             raise ConfigError(f"adapters: need counts >= 1, got {list(self.adapter_counts)}",
                               field="adapters")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds: need >= 1, got {self.rounds}", field="rounds")
         if self.rate is not None and not self.rate > 0:
             raise ConfigError(f"rate: must be > 0 requests/s, got {self.rate}", field="rate")
 
@@ -89,6 +95,7 @@ def _run_parts(opts: BenchOptions) -> dict[str, Any]:
         "preset": preset.name, "description": preset.description, "command": opts.command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
         "backend": opts.backend, "seed": opts.seed, "adapter_counts": list(counts),
+        "rounds": opts.rounds,
         "settings": _settings(preset, assets),
     }
     if "engine" in opts.parts:
@@ -170,13 +177,7 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
             registration["register_s"] += sum(chunks)
             registration["registered"] = n
             done = n
-            with ProgressBar(f"{label:>9} closed loop", preset.warmup_s + preset.duration_s,
-                             enabled=opts.show_progress, unit="s") as bar:
-                closed = summarize(run_closed_loop(
-                    target, RequestStream(preset.workload(n, opts.seed)), names,
-                    clients=preset.clients, warmup_s=preset.warmup_s,
-                    duration_s=preset.duration_s, windows=preset.windows, bar=bar))
-                bar.note = f"{closed['requests_per_s']:.1f} req/s"
+            closed = _closed_loop(target, opts, n, names, label)
             if rate is None:
                 rate = preset.rate_fraction * closed["requests_per_s_median"]
             count = max(1, round(rate * preset.open_duration_s))
@@ -190,9 +191,28 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
                 opened["rate"] = rate
                 p99 = opened["ttft_s"]["p99"]
                 bar.note = f"TTFT p99 {p99 * 1e3:.0f} ms" if p99 is not None else ""
-            by_n[str(n)] = {"adapters": n, "closed": closed, "open": opened}
+            by_n[str(n)] = {"adapters": n, "closed": closed, "open": opened,
+                            "closed_rounds": [closed]}
+        for k in range(2, opts.rounds + 1):
+            for n in counts:
+                by_n[str(n)]["closed_rounds"].append(
+                    _closed_loop(target, opts, n, names, f"N={n:,} r{k}"))
         registration.update(_registration_costs(target, assets, registration, done))
     return {"by_adapters": by_n, "registration": registration, "open_loop_rate": rate}
+
+
+def _closed_loop(target: Any, opts: BenchOptions, n: int, names: list[str],
+                 label: str) -> dict[str, Any]:
+    """One closed-loop phase at N adapters (warm-up, then the measured sub-windows)."""
+    preset = opts.preset
+    with ProgressBar(f"{label:>9} closed loop", preset.warmup_s + preset.duration_s,
+                     enabled=opts.show_progress, unit="s") as bar:
+        closed = summarize(run_closed_loop(
+            target, RequestStream(preset.workload(n, opts.seed)), names,
+            clients=preset.clients, warmup_s=preset.warmup_s,
+            duration_s=preset.duration_s, windows=preset.windows, bar=bar))
+        bar.note = f"{closed['requests_per_s']:.1f} req/s"
+    return closed
 
 
 def _initial_warmup(target: Any, assets: BenchAssets, opts: BenchOptions, n: int) -> None:
