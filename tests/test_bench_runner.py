@@ -83,6 +83,9 @@ def test_rounds_repeat_the_closed_loop_at_every_n(result: dict[str, Any]) -> Non
         rounds = row["closed_rounds"]
         assert len(rounds) == 2 and rounds[0] == row["closed"]
         assert all(c["errors"] == 0 and c["requests"] > 0 for c in rounds)
+        # how adapter commands travelled, and whether the step pipeline ran dry
+        assert all(c[k] >= 0 for c in rounds for k in (
+            "loads_on_step", "placements_on_step", "standalone_commands", "async_drains"))
     report = format_report(result)
     assert "closed-loop rounds" in report and "N=3:" in report
 

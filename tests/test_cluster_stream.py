@@ -10,14 +10,17 @@ from lora_cluster.cluster.stream import CommandPublisher, CommandReader
 from lora_cluster.errors import ClusterError
 
 
-def _rank_loop(pub: CommandPublisher, rank: int, seen: list[int]) -> None:
+def _rank_loop(pub: CommandPublisher, rank: int, seen: list[int],
+               clocks: dict[int, dict[str, float]]) -> None:
     reader = CommandReader(pub.command_address, pub.reply_address, rank)
+    clocks[rank] = reader.clock()
     try:
         while True:
             env = reader.next(timeout_s=5.0)
             assert env is not None
             if env.command == "stop":
                 reader.reply(env.seq, True, None)
+                clocks[rank] = reader.clock()
                 return
             seen.append(env.command)
             reader.reply(env.seq, True, env.command * 10 + rank)
@@ -28,7 +31,9 @@ def _rank_loop(pub: CommandPublisher, rank: int, seen: list[int]) -> None:
 def test_every_rank_reads_every_command_in_order() -> None:
     pub = CommandPublisher()
     seen: list[list[int]] = [[], [], []]
-    threads = [threading.Thread(target=_rank_loop, args=(pub, r, seen[r])) for r in range(3)]
+    clocks: dict[int, dict[str, float]] = {}
+    threads = [threading.Thread(target=_rank_loop, args=(pub, r, seen[r], clocks))
+               for r in range(3)]
     for t in threads:
         t.start()
     try:
@@ -47,6 +52,10 @@ def test_every_rank_reads_every_command_in_order() -> None:
             t.join(timeout=10)
         pub.close()
     assert seen == [list(range(50))] * 3
+    # Each reader's clock: time waiting for commands, decoding them and replying, all spent.
+    for clock in clocks.values():
+        assert set(clock) == {"wait_ms", "decode_ms", "reply_ms"}
+        assert all(v > 0 for v in clock.values()), clock
 
 
 def test_handshake_names_missing_ranks() -> None:

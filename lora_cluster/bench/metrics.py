@@ -77,6 +77,16 @@ def rank_gc(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any
     return out
 
 
+def rank_loop(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, float]] | None:
+    """Per rank process, ms per step outside its commands: waiting for the next one (the
+    controller was late), decoding commands and sending replies (None: no rank processes)."""
+    pairs = list(zip(before.get("rank_loop") or [], after.get("rank_loop") or []))
+    if not pairs or any(not a or not b for a, b in pairs):
+        return None
+    steps = max(1, int(after.get("steps", 0)) - int(before.get("steps", 0)))
+    return [{k: (b[k] - a[k]) / steps for k in b} for a, b in pairs]
+
+
 def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Slot hit rate and load counts between two ``stats()`` snapshots."""
     d = {f"{tier}_{key}": _tier(after, tier, key) - _tier(before, tier, key)
@@ -89,8 +99,13 @@ def tier_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         "adapter_loads": d["host_misses"],
         "host_evictions": d["host_evictions"],
         "steps": int(after.get("steps", 0)) - int(before.get("steps", 0)),
+        # Adapter commands that rode on a step vs sent alone (a standalone command waits for
+        # the step in flight), and steps after which the asynchronous pipeline ran dry.
+        **{k: int(after.get(k, 0)) - int(before.get(k, 0)) for k in (
+            "loads_on_step", "placements_on_step", "standalone_commands", "async_drains")},
         "step_breakdown_ms": step_breakdown(before, after),
         "rank_gc": rank_gc(before, after),
+        "rank_loop_ms": rank_loop(before, after),
         "server_generated_tokens": (int(after.get("generated_tokens", 0))
                                     - int(before.get("generated_tokens", 0))),
     }

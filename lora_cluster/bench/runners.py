@@ -103,7 +103,9 @@ def _snapshot(target: Target) -> tuple[dict[str, Any], float]:
     stats = target.stats()
     rank_stats = getattr(target, "rank_stats", None)  # the Ray cluster: rank processes' GC
     if callable(rank_stats):
-        stats = {**stats, "rank_gc": [r.get("gc") for r in rank_stats()]}
+        ranks = rank_stats()
+        stats = {**stats, "rank_gc": [r.get("gc") for r in ranks],
+                 "rank_loop": [r.get("loop") for r in ranks]}
     return stats, time.monotonic()
 
 

@@ -160,6 +160,9 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
     preset = opts.preset
     names = assets.adapter_names(max(counts))
     by_n: dict[str, Any] = {}
+    # One closed-loop stream per N, continued by every round: a round draws new requests
+    # (new cold adapters at large N), not a replay of the first round's.
+    streams: dict[int, RequestStream] = {}
     registration: dict[str, Any] = {"register_s": 0.0, "registered": 0}
     rate = opts.rate if opts.rate is not None else preset.open_rate
     cfg = preset.cluster_config(str(assets.model_dir))
@@ -177,7 +180,8 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
             registration["register_s"] += sum(chunks)
             registration["registered"] = n
             done = n
-            closed = _closed_loop(target, opts, n, names, label)
+            streams[n] = RequestStream(preset.workload(n, opts.seed))
+            closed = _closed_loop(target, opts, streams[n], names, label)
             if rate is None:
                 rate = preset.rate_fraction * closed["requests_per_s_median"]
             count = max(1, round(rate * preset.open_duration_s))
@@ -196,19 +200,19 @@ def run_engine_sweep(opts: BenchOptions, assets: BenchAssets,
         for k in range(2, opts.rounds + 1):
             for n in counts:
                 by_n[str(n)]["closed_rounds"].append(
-                    _closed_loop(target, opts, n, names, f"N={n:,} r{k}"))
+                    _closed_loop(target, opts, streams[n], names, f"N={n:,} r{k}"))
         registration.update(_registration_costs(target, assets, registration, done))
     return {"by_adapters": by_n, "registration": registration, "open_loop_rate": rate}
 
 
-def _closed_loop(target: Any, opts: BenchOptions, n: int, names: list[str],
+def _closed_loop(target: Any, opts: BenchOptions, stream: RequestStream, names: list[str],
                  label: str) -> dict[str, Any]:
-    """One closed-loop phase at N adapters (warm-up, then the measured sub-windows)."""
+    """One closed-loop phase on ``stream`` (warm-up, then the measured sub-windows)."""
     preset = opts.preset
     with ProgressBar(f"{label:>9} closed loop", preset.warmup_s + preset.duration_s,
                      enabled=opts.show_progress, unit="s") as bar:
         closed = summarize(run_closed_loop(
-            target, RequestStream(preset.workload(n, opts.seed)), names,
+            target, stream, names,
             clients=preset.clients, warmup_s=preset.warmup_s,
             duration_s=preset.duration_s, windows=preset.windows, bar=bar))
         bar.note = f"{closed['requests_per_s']:.1f} req/s"

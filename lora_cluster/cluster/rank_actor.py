@@ -130,7 +130,8 @@ class RankActorImpl:
     def stats(self) -> dict[str, Any]:
         if self.runtime is None:
             return {"rank": self.parallel.rank}
-        return {**self.runtime.stats(), "gc": self.gc_pauses.stats()}
+        loop = self.reader.clock() if self.reader is not None else {}
+        return {**self.runtime.stats(), "gc": self.gc_pauses.stats(), "loop": loop}
 
     def pid(self) -> int:
         return os.getpid()

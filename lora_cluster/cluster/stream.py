@@ -106,14 +106,21 @@ class CommandReader:
         self._push.connect(reply_address)
         self._expected = 0
         self._greeted = False
+        # Seconds this reader spent waiting for a command, decoding them, and replying.
+        self.wait_s = self.decode_s = self.reply_s = 0.0
 
     def next(self, timeout_s: float | None = None) -> Envelope | None:
         """The next command in order (answering handshake pings on the way), or None on timeout."""
         timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
         while True:
+            t0 = time.perf_counter()
             if self._sub.poll(timeout_ms) == 0:
+                self.wait_s += time.perf_counter() - t0
                 return None
+            t1 = time.perf_counter()
             env = pickle.loads(self._sub.recv())
+            self.wait_s += t1 - t0
+            self.decode_s += time.perf_counter() - t1
             assert isinstance(env, Envelope)
             if env.seq == _HELLO:
                 if not self._greeted:
@@ -129,8 +136,15 @@ class CommandReader:
             return env
 
     def reply(self, seq: int, ok: bool, value: Any) -> None:
+        t0 = time.perf_counter()
         self._push.send(pickle.dumps(Reply(seq, self.rank, ok, value),
                                      protocol=pickle.HIGHEST_PROTOCOL))
+        self.reply_s += time.perf_counter() - t0
+
+    def clock(self) -> dict[str, float]:
+        """Milliseconds so far waiting for commands, decoding them and sending replies."""
+        return {"wait_ms": self.wait_s * 1e3, "decode_ms": self.decode_s * 1e3,
+                "reply_ms": self.reply_s * 1e3}
 
     def close(self) -> None:
         self._sub.close(0)

@@ -60,6 +60,7 @@ class AsyncStepper:
     _exec: threading.Lock
     _exec_wanted: int
     _closed: bool
+    _counters: Any
 
     # Declared for the type checker only: a runtime stub here would shadow the real method
     # of a mixin that comes after this class in ``ControllerCore``'s MRO.
@@ -84,7 +85,8 @@ class AsyncStepper:
                     if flight is None:
                         return ran
                     # Nothing to overlap: land the step in flight, then plan again (its
-                    # result may make room or end the run).
+                    # result may make room or end the run). The ranks idle meanwhile.
+                    self._counters["async_drains"] += 1
                     self._land(flight, None, since=max(landed, flight.planned.t0))
                     flight, landed = None, time.perf_counter()
                     continue

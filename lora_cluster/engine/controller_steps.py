@@ -78,6 +78,7 @@ class StepLoop(AsyncStepper):
 
     def _send_all(self, build: Callable[[int], AdapterCommand]) -> tuple[RankReply, ...]:
         """Send an adapter command to every rank (caller holds ``_exec``)."""
+        self._counters["standalone_commands"] += 1
         return self.group.execute_all(build(next(self._cmd_seq)))
 
     @contextlib.contextmanager
