@@ -1,7 +1,7 @@
 """LoRA linear launch-path candidates on the GPU, in one run: checks, then graph-replay timings.
 
   PYTHONPATH=$PWD:$PWD/kernels python3 benchmarks/kernel_candidates.py
-      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13|v14|v15] [--out PATH] [--no-tests] [--list]
+      [--set arrive|v5|v7|v8|v9|v10|v11|v12|v13|v14|v15|v16] [--out PATH] [--no-tests] [--list]
 
 Sets: ``arrive`` (default; → results/kernels_candidates_v3_h100.json) puts the
 single-launch split-K kernel (``config.ArriveConfig``: the last K program of each row
@@ -22,7 +22,8 @@ same at 64-512 rows and 1 / 8 / 32 adapters (→ results/kernels_candidates_v9_h
 ``v13`` splits with those expands against the per-row pair at dense 17-64 rows
 (→ results/kernels_candidates_v10_h100.json); ``v14`` wider expand blocks at ≤ 16 and ~1k rows
 (→ results/kernels_candidates_v11_h100.json); ``v15`` the shrink's K tiling under v11's
-expands at 32-128 rows (→ results/kernels_candidates_v12_h100.json).
+expands at 32-128 rows (→ results/kernels_candidates_v12_h100.json); ``v16`` split tiles for
+rank 64 above 512 rows (→ results/kernels_candidates_v13_h100.json).
 1. GPU tests run in a subprocess (when pytest is installed) while the candidates compile
    in parallel processes: ``tests/test_kernels_arrive.py`` for ``arrive``, the PDL tests
    of tests/test_kernels_gpu.py (``-k pdl``) for ``v5``.
@@ -118,6 +119,9 @@ SETS["v15"] = ([*GQA64, ("qkv_gqa", 16, 64, 1), ("qkv_gqa", 16, 64, 8)], [],
 # v14: the expand's column blocks at <= 16 rows (per-row pair) and at ~1k rows.
 SETS["v14"] = ([(s, 16, t, a) for s in ("dense", "qkv_gqa") for t in (1, 16, 1024)
                 for a in (1, 8, 32)], [], RESULTS / "kernels_candidates_v11_h100.json")
+# v16: rank 64 above 512 rows (GQA took the fused path there, 20-44 % of the bytes floor).
+SETS["v16"] = ([(s, 64, t, a) for s in ("dense", "qkv_gqa") for t in (1024, 4096)
+                for a in (1, 8, 32)], [], RESULTS / "kernels_candidates_v13_h100.json")
 GPU_TESTS = {"arrive": ["tests/test_kernels_arrive.py"],
              "v5": ["tests/test_kernels_gpu.py", "-k", "pdl"],
              "v7": ["tests/test_kernels_gpu.py", "-k", "pdl or short"],
@@ -433,22 +437,42 @@ def shrink_k_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
     return out
 
 
+def rank64_split_candidates(key: Key) -> list[tuple[str, cfg.LinearConfig | None]]:
+    """v16: split tiles for rank 64 above 512 rows — the row tile, the shrink's K split, the
+    expand's column blocks and warps (BK 64 keeps the 256-wide multi-slice A tile in shared
+    memory)."""
+    tokens, n = key[2], SHAPES[key[0]][-1]
+    short = dict(cum_starts=True, prefetch=True)
+    sk = 4 if tokens <= 2048 else 2
+    out: list[tuple[str, cfg.LinearConfig | None]] = []
+    for bm in (16, 32, 64):
+        for bn, blocks, ew in ((128, 1, 4), (128, 2, 4), (256, 1, 4), (256, 1, 8), (128, 4, 8)):
+            out.append((f"bm{bm}_bn{bn}x{blocks}_ew{ew}",
+                        S(bm=bm, bk=64, split_k=sk, bn=bn, col_splits=cfg.cdiv(n, bn * blocks),
+                          expand_warps=ew, **short)))
+    out.append(("bm64_sk8_bn128x2", S(bm=64, bk=64, split_k=2 * sk, bn=128,
+                                      col_splits=cfg.cdiv(n, 256), **short)))
+    out.append(("bm64_cs8_ew8_long", S(bm=64, bk=64, split_k=sk, bn=128, col_splits=8,
+                                       expand_warps=8)))
+    return out
+
+
 def candidates(key: Key, which: str = "v5") -> list[tuple[str, cfg.LinearConfig | None]]:
     """(name, config) pairs for one case; None = today's heuristic."""
     tokens = key[2]
     legacy = legacy_choice(key)
     out: list[tuple[str, cfg.LinearConfig | None]] = [("legacy", legacy), ("heuristic", None)]
-    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15") and (
+    if isinstance(legacy, cfg.SplitConfig) and which not in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16") and (
             which == "v5" or replace(legacy, pdl=True) != _choice(key)):
         out.append(("split_pdl", replace(legacy, pdl=True)))
     if which == "arrive":
         return out + arrive_candidates(key)
-    if which in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15"):
+    if which in ("v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16"):
         seen = {legacy, _choice(key)}
         extra = {"v8": rows_candidates, "v9": tile_candidates, "v10": few_candidates,
                  "v11": column_candidates, "v12": expand_tile_candidates,
                  "v13": dense_split_candidates, "v14": edge_expand_candidates,
-                 "v15": shrink_k_candidates}[which](key)
+                 "v15": shrink_k_candidates, "v16": rank64_split_candidates}[which](key)
         for name, config in extra:
             if config is not None and config not in seen:
                 seen.add(config)

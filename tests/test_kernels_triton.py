@@ -305,7 +305,8 @@ def test_linear_all_rows_unassigned_adds_nothing(variant: str) -> None:
 def test_choose_linear_paths() -> None:
     """Rank 16: the per-row pair for dense layers up to 64 rows and multi-slice ones up to
     16 (v8, H100), the split path above; rank 64 never takes the per-row pair, and above
-    512 rows keeps the v6 split tiles without short chains (measured faster there)."""
+    512 rows keeps the v6 split tiles without short chains on dense layers (measured faster
+    there) and takes 64-row split tiles on multi-slice ones (v16)."""
     cfg.choose_linear.cache_clear()
 
     def pick(rows: int, n: int, slices: int, rank: int = 16) -> cfg.LinearConfig:
@@ -340,6 +341,13 @@ def test_choose_linear_paths() -> None:
     r64 = pick(1024, 4096, 1, rank=64)
     assert isinstance(r64, cfg.SplitConfig)
     assert (r64.col_splits, r64.expand_warps, r64.cum_starts, r64.prefetch) == (8, 8, False, False)
+    # Rank-64 multi-slice above 512 rows: the v16 split (16-bit layers), fused in float32.
+    gqa_r64 = cfg.SplitConfig(bm=64, bk=64, split_k=4, bn=128, col_splits=12, expand_warps=8,
+                              cum_starts=True, prefetch=True)
+    assert pick(1024, 6144, 3, rank=64) == gqa_r64
+    assert pick(4096, 6144, 3, rank=64) == replace(gqa_r64, split_k=2)
+    assert isinstance(cfg.choose_linear(1024, 6144, 4096, 64, 3, 32, itemsize=4),
+                      cfg.FusedConfig)
     r16 = pick(1024, 4096, 1)
     assert isinstance(r16, cfg.SplitConfig)
     assert (r16.col_splits, r16.expand_warps, r16.cum_starts, r16.prefetch) == (32, 4, True, True)
